@@ -1,0 +1,52 @@
+"""Command line every stage module shares: `python -m components.<stage> --config-json ... --input name=uri --output uri`.
+
+This is what the kfp component runs in the stage's family interpreter, locally and in its image.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Callable
+
+from cnpipe.dataset import Manifest
+
+
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--config-json", help="the whole PipelineConfig as JSON")
+    source.add_argument("--config-file", help="a file holding that JSON")
+    parser.add_argument("--input", action="append", default=[], metavar="NAME=URI")
+    parser.add_argument("--output", required=True, metavar="URI")
+    return parser.parse_args(argv)
+
+
+def main(stage: str, run: Callable[..., Manifest], argv: list[str] | None = None) -> int:
+    import pipeline_configs
+
+    args = parse(argv)
+    text = args.config_json if args.config_json else open(args.config_file).read()
+    try:
+        config = pipeline_configs.from_json(text)
+    except pipeline_configs.ConfigError as err:
+        print(f"{stage}: bad config: {err}", file=sys.stderr)
+        return 2
+    inputs = {}
+    for item in args.input:
+        name, _, uri = item.partition("=")
+        inputs[name] = Manifest.load(uri)
+    manifest = run(config, inputs, args.output)
+    print(
+        json.dumps(
+            {
+                "stage": stage,
+                "uri": manifest.uri,
+                "rows_in": manifest.rows_in,
+                "rows_out": manifest.rows_out,
+                "rows_rejected": manifest.rows_rejected,
+                "rejections": manifest.rejections,
+            }
+        )
+    )
+    return 0

@@ -1,0 +1,186 @@
+"""The data contract between stages: Parquet shards, a rejected table, commit markers, a manifest.
+
+Layout of a dataset at URI:
+    URI/data/<shard>.parquet       rows that passed the stage
+    URI/rejected/<shard>.parquet   rows the stage refused: stage, id, reason, detail
+    URI/_commits/<shard>.json      written last; a shard exists only once its marker does
+    URI/manifest.json              written when the stage finishes: schema, shards, accounting
+
+Image bytes live inside the Parquet rows (not as files beside them): one object per shard keeps
+commits atomic, object stores free of millions of small files, and a reader from orphan images.
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+from collections import Counter
+from typing import Iterator
+
+import pyarrow as pa
+
+from cnpipe import storage
+
+FORMAT = "cnpipe.dataset/1"
+
+REJECTED_SCHEMA = pa.schema(
+    [
+        ("stage", pa.string()),
+        ("id", pa.string()),
+        ("reason", pa.string()),
+        ("detail", pa.string()),
+    ]
+)
+
+
+class ContractError(RuntimeError):
+    """The data on storage does not match what the stage expects."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Reject:
+    id: str
+    reason: str
+    detail: str = ""
+
+
+@dataclasses.dataclass
+class ShardResult:
+    """What a stage made of one input shard: rows out, rows rejected, and handled-but-kept notes."""
+
+    table: pa.Table
+    rejects: list[Reject] = dataclasses.field(default_factory=list)
+    notes: Counter = dataclasses.field(default_factory=Counter)
+
+
+@dataclasses.dataclass
+class Manifest:
+    uri: str
+    stage: str
+    config_hash: str
+    schema: list[dict]
+    shards: list[dict]
+    rows_in: int
+    rows_out: int
+    rows_rejected: int
+    rejections: dict[str, int]
+    notes: dict[str, int]
+    inputs: list[str]
+    created_at: str
+    format: str = FORMAT
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def load(cls, uri: str) -> "Manifest":
+        path = storage.join(uri, "manifest.json")
+        if not storage.exists(path):
+            raise ContractError(f"no dataset at {uri}: {path} is missing (did the producing stage finish?)")
+        data = storage.read_json(path)
+        if data.get("format") != FORMAT:
+            raise ContractError(f"{path} has format {data.get('format')!r}, expected {FORMAT!r}")
+        data["uri"] = uri
+        return cls(**data)
+
+    def shard_urls(self) -> list[tuple[str, str]]:
+        return [(s["name"], storage.join(self.uri, "data", f"{s['name']}.parquet")) for s in self.shards]
+
+    def iter_shards(self, columns: list[str] | None = None) -> Iterator[tuple[str, pa.Table]]:
+        """Yield (shard name, table) one shard at a time: memory stays bounded by one shard."""
+        for name, url in self.shard_urls():
+            yield name, storage.read_parquet(url, columns=columns)
+
+    def rejected_table(self) -> pa.Table:
+        urls = [storage.join(self.uri, "rejected", f"{s['name']}.parquet") for s in self.shards]
+        tables = [storage.read_parquet(u) for u in urls if storage.exists(u)]
+        return pa.concat_tables(tables) if tables else REJECTED_SCHEMA.empty_table()
+
+
+def schema_to_json(schema: pa.Schema) -> list[dict]:
+    return [{"name": f.name, "type": str(f.type), "nullable": f.nullable} for f in schema]
+
+
+class ShardedOutput:
+    """Writes a stage's output shard by shard, so a killed stage resumes where it stopped."""
+
+    def __init__(self, uri: str, stage: str, config_hash: str, schema: pa.Schema):
+        self.uri = uri
+        self.stage = stage
+        self.config_hash = config_hash
+        self.schema = schema
+        for sub in ("data", "rejected", "_commits"):
+            storage.remove_temporaries(storage.join(uri, sub))
+
+    def _commit_url(self, shard: str) -> str:
+        return storage.join(self.uri, "_commits", f"{shard}.json")
+
+    def is_done(self, shard: str) -> bool:
+        url = self._commit_url(shard)
+        if not storage.exists(url):
+            return False
+        marker = storage.read_json(url)
+        if marker["config_hash"] != self.config_hash:
+            raise ContractError(
+                f"{self.uri} holds shard {shard} made with another {self.stage} config "
+                f"({marker['config_hash']} != {self.config_hash}); write to a new run id or remove it"
+            )
+        return True
+
+    def commit(self, shard: str, result: ShardResult, rows_in: int) -> None:
+        """Write data and rejected shards, then the marker that makes them count."""
+        table = result.table
+        if table.schema != self.schema:
+            table = table.cast(self.schema)
+        rows_out, rows_rejected = table.num_rows, len(result.rejects)
+        if rows_in != rows_out + rows_rejected:
+            raise ContractError(
+                f"{self.stage} shard {shard}: {rows_in} rows in but {rows_out} out + {rows_rejected} rejected"
+            )
+        rejected = pa.table(
+            {
+                "stage": [self.stage] * rows_rejected,
+                "id": [r.id for r in result.rejects],
+                "reason": [r.reason for r in result.rejects],
+                "detail": [r.detail[:500] for r in result.rejects],
+            },
+            schema=REJECTED_SCHEMA,
+        )
+        storage.write_parquet_atomic(storage.join(self.uri, "data", f"{shard}.parquet"), table)
+        storage.write_parquet_atomic(storage.join(self.uri, "rejected", f"{shard}.parquet"), rejected)
+        storage.write_json_atomic(
+            self._commit_url(shard),
+            {
+                "shard": shard,
+                "config_hash": self.config_hash,
+                "rows_in": rows_in,
+                "rows_out": rows_out,
+                "rows_rejected": rows_rejected,
+                "rejections": dict(Counter(r.reason for r in result.rejects)),
+                "notes": dict(result.notes),
+            },
+        )
+
+    def finalize(self, expected_shards: list[str], inputs: list[str]) -> Manifest:
+        """Aggregate commit markers into the manifest; every expected shard must be committed."""
+        markers = [storage.read_json(self._commit_url(s)) for s in expected_shards]
+        rejections: Counter = Counter()
+        notes: Counter = Counter()
+        for m in markers:
+            rejections.update(m["rejections"])
+            notes.update(m["notes"])
+        manifest = Manifest(
+            uri=self.uri,
+            stage=self.stage,
+            config_hash=self.config_hash,
+            schema=schema_to_json(self.schema),
+            shards=[{"name": m["shard"], "rows": m["rows_out"], "rejected": m["rows_rejected"]} for m in markers],
+            rows_in=sum(m["rows_in"] for m in markers),
+            rows_out=sum(m["rows_out"] for m in markers),
+            rows_rejected=sum(m["rows_rejected"] for m in markers),
+            rejections=dict(sorted(rejections.items())),
+            notes=dict(sorted(notes.items())),
+            inputs=inputs,
+            created_at=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        )
+        storage.write_json_atomic(storage.join(self.uri, "manifest.json"), manifest.to_json())
+        return manifest

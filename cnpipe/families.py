@@ -1,0 +1,47 @@
+"""Hand a stage to its family's interpreter: the same `python -m components.<stage>` locally and in an image.
+
+Locally each family is a virtual environment under .venvs/<family>. In a family's image the
+interpreter is named by CNPIPE_PYTHON_<FAMILY> or is the current one.
+"""
+from __future__ import annotations
+
+import os
+import pathlib
+import subprocess
+import sys
+
+from cnpipe.dataset import Manifest
+from components.registry import STAGES
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+class StageFailed(RuntimeError):
+    pass
+
+
+def family_python(family: str) -> str:
+    explicit = os.environ.get(f"CNPIPE_PYTHON_{family.upper()}")
+    if explicit:
+        return explicit
+    venv = REPO_ROOT / ".venvs" / family / "bin" / "python"
+    return str(venv) if venv.exists() else sys.executable
+
+
+def stage_command(stage: str, config_json: str, inputs: dict[str, str], output_uri: str) -> list[str]:
+    spec = STAGES[stage]
+    argv = [family_python(spec.family), "-m", spec.module, "--config-json", config_json, "--output", output_uri]
+    for name, uri in inputs.items():
+        argv += ["--input", f"{name}={uri}"]
+    return argv
+
+
+def run_stage(stage: str, config_json: str, inputs: dict[str, str], output_uri: str) -> Manifest:
+    """Run one stage to completion in its family's interpreter and return its manifest."""
+    argv = stage_command(stage, config_json, inputs, output_uri)
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
+    completed = subprocess.run(argv, env=env)
+    if completed.returncode != 0:
+        raise StageFailed(f"stage {stage} exited with status {completed.returncode} ({argv[0]})")
+    return Manifest.load(output_uri)

@@ -1,0 +1,92 @@
+"""Decode untrusted image bytes into clean RGB, or say exactly why not.
+
+Every stage that reads pixels goes through `decode_rgb`, so CMYK, 16-bit, palette and alpha
+images are normalised in one place and corrupt, truncated or oversized ones get one reason each.
+"""
+from __future__ import annotations
+
+import io
+import warnings
+
+import numpy as np
+from PIL import Image, ImageFile, UnidentifiedImageError
+
+ImageFile.LOAD_TRUNCATED_IMAGES = False
+
+
+class ImageRejected(ValueError):
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+        self.detail = detail
+
+
+def decode_rgb(data: bytes | None, min_side: int = 1, max_pixels: int = 89_478_485) -> Image.Image:
+    """Return an RGB image; raise ImageRejected(reason) for anything unusable.
+
+    Reasons: missing_image, not_an_image, corrupt_image, truncated_image, decompression_bomb, too_small.
+    """
+    if not data:
+        raise ImageRejected("missing_image")
+    previous = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = max_pixels
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            try:
+                image = Image.open(io.BytesIO(data))
+                width, height = image.size
+                if width * height > max_pixels:
+                    raise ImageRejected("decompression_bomb", f"{width}x{height} exceeds {max_pixels} pixels")
+                image.load()
+            except ImageRejected:
+                raise
+            except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+                raise ImageRejected("decompression_bomb", str(err)) from None
+            except UnidentifiedImageError as err:
+                raise ImageRejected("not_an_image", str(err)) from None
+            except OSError as err:
+                reason = "truncated_image" if "image file is truncated" in str(err) else "corrupt_image"
+                raise ImageRejected(reason, str(err)) from None
+            except (ValueError, SyntaxError, EOFError) as err:
+                raise ImageRejected("corrupt_image", str(err)) from None
+    finally:
+        Image.MAX_IMAGE_PIXELS = previous
+    if min(image.size) < min_side:
+        raise ImageRejected("too_small", f"{image.size[0]}x{image.size[1]} < {min_side}px")
+    return to_rgb(image)
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Convert any PIL mode to 8-bit RGB; alpha is composited on white, 16-bit is scaled, not clipped."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        array = np.asarray(image, dtype=np.float64)
+        top = 65535.0 if image.mode.startswith("I;16") or array.max() > 255 else 255.0
+        image = Image.fromarray(np.clip(array / top * 255.0 + 0.5, 0, 255).astype(np.uint8), mode="L")
+    if image.mode == "P":
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA"):
+        background = Image.new("RGB", image.size, (255, 255, 255))
+        background.paste(image.convert("RGBA"), mask=image.convert("RGBA").getchannel("A"))
+        return background
+    if image.mode == "RGB":
+        return image
+    return image.convert("RGB")
+
+
+def encode(image: Image.Image, fmt: str = "jpeg", quality: int = 95) -> bytes:
+    buffer = io.BytesIO()
+    if fmt.lower() in ("jpg", "jpeg"):
+        image.save(buffer, format="JPEG", quality=quality)
+    else:
+        image.save(buffer, format=fmt.upper())
+    return buffer.getvalue()
+
+
+def fit_within(image: Image.Image, max_side: int) -> Image.Image:
+    """Downscale so that the longer side is at most `max_side`; never upscale."""
+    if max_side <= 0 or max(image.size) <= max_side:
+        return image
+    scale = max_side / max(image.size)
+    size = (max(1, round(image.size[0] * scale)), max(1, round(image.size[1] * scale)))
+    return image.resize(size, Image.Resampling.LANCZOS)

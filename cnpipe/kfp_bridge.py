@@ -1,0 +1,37 @@
+"""What every kfp component body calls: resolve input URIs, run the stage, publish its output URI.
+
+Only URIs cross kfp's boundary: an output `dsl.Dataset` holds a small JSON pointer and carries the
+dataset's URI and row counts in its metadata; the rows stay on the storage root.
+"""
+from __future__ import annotations
+
+import json
+
+from cnpipe import storage
+from cnpipe.families import run_stage
+
+
+def dataset_uri(artifact) -> str:
+    uri = artifact.metadata.get("dataset_uri")
+    if not uri:
+        raise ValueError(f"input artifact {artifact.name} carries no dataset_uri")
+    return uri
+
+
+def run_component(stage: str, config_json: str, run_id: str, inputs: dict, output) -> None:
+    import pipeline_configs
+
+    config = pipeline_configs.from_json(config_json)
+    output_uri = storage.join(config.storage.root, run_id, stage)
+    manifest = run_stage(stage, config_json, {k: dataset_uri(a) for k, a in inputs.items()}, output_uri)
+    summary = {
+        "dataset_uri": manifest.uri,
+        "stage": stage,
+        "rows_in": manifest.rows_in,
+        "rows_out": manifest.rows_out,
+        "rows_rejected": manifest.rows_rejected,
+        "rejections": manifest.rejections,
+    }
+    output.metadata.update(summary)
+    with open(output.path, "w") as f:
+        json.dump(summary, f)

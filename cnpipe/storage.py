@@ -1,0 +1,115 @@
+"""One storage layer for local folders and object stores (gs://, s3://, memory://) via fsspec.
+
+Writes are atomic: a reader never sees half an object. Object stores already publish an
+object only when its upload completes; on file systems we write a temporary name and rename.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import uuid
+from typing import Any, Iterator
+
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+_ATOMIC_UPLOAD_PROTOCOLS = {"gs", "gcs", "s3", "s3a", "az", "abfs", "memory"}
+
+
+def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    """Return the fsspec file system for `url` and the path inside it."""
+    return fsspec.core.url_to_fs(url)
+
+
+def join(url: str, *parts: str) -> str:
+    return "/".join([url.rstrip("/"), *[p.strip("/") for p in parts]])
+
+
+def exists(url: str) -> bool:
+    fs, path = filesystem(url)
+    return fs.exists(path)
+
+
+def read_bytes(url: str) -> bytes:
+    fs, path = filesystem(url)
+    with fs.open(path, "rb") as f:
+        return f.read()
+
+
+def read_json(url: str) -> Any:
+    return json.loads(read_bytes(url))
+
+
+def _is_object_store(fs: fsspec.AbstractFileSystem) -> bool:
+    protocols = fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,)
+    return any(p in _ATOMIC_UPLOAD_PROTOCOLS for p in protocols)
+
+
+def write_bytes_atomic(url: str, data: bytes) -> None:
+    """Write `data` so that `url` either holds all of it or is untouched."""
+    fs, path = filesystem(url)
+    parent = path.rsplit("/", 1)[0]
+    if _is_object_store(fs):
+        fs.pipe_file(path, data)
+        return
+    fs.makedirs(parent, exist_ok=True)
+    tmp = f"{parent}/.tmp-{uuid.uuid4().hex}-{path.rsplit('/', 1)[-1]}"
+    try:
+        with fs.open(tmp, "wb") as f:
+            f.write(data)
+            if hasattr(f, "flush"):
+                f.flush()
+                if hasattr(f, "fileno"):
+                    try:
+                        os.fsync(f.fileno())
+                    except (OSError, io.UnsupportedOperation):
+                        pass
+        fs.mv(tmp, path)
+    finally:
+        if fs.exists(tmp):
+            fs.rm(tmp)
+
+
+def write_json_atomic(url: str, obj: Any) -> None:
+    write_bytes_atomic(url, json.dumps(obj, indent=2, sort_keys=True).encode())
+
+
+def write_parquet_atomic(url: str, table: pa.Table) -> None:
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink, compression="zstd")
+    write_bytes_atomic(url, sink.getvalue().to_pybytes())
+
+
+def read_parquet(url: str, columns: list[str] | None = None) -> pa.Table:
+    fs, path = filesystem(url)
+    with fs.open(path, "rb") as f:
+        return pq.read_table(f, columns=columns)
+
+
+def list_names(url: str, suffix: str = "") -> list[str]:
+    """Names (not paths) of the files directly under `url`, sorted; temporaries excluded."""
+    fs, path = filesystem(url)
+    if not fs.exists(path):
+        return []
+    names = [p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False)]
+    return sorted(n for n in names if n.endswith(suffix) and not n.startswith(".tmp-"))
+
+
+def remove_temporaries(url: str) -> None:
+    """Delete leftovers of writes that a killed process never renamed."""
+    fs, path = filesystem(url)
+    if not fs.exists(path):
+        return
+    for p in fs.ls(path, detail=False):
+        if p.rstrip("/").rsplit("/", 1)[-1].startswith(".tmp-"):
+            fs.rm(p)
+
+
+def iter_files(url: str) -> Iterator[str]:
+    """Every file below `url`, as full URLs with the same protocol, sorted."""
+    fs, path = filesystem(url)
+    protocol = url.split("://", 1)[0] + "://" if "://" in url else ""
+    for p in sorted(fs.find(path)):
+        yield protocol + p if protocol and not p.startswith(protocol) else p

@@ -1,0 +1,110 @@
+"""Hub load: validate and normalise every source record into the seed schema, shard by shard."""
+from __future__ import annotations
+
+import itertools
+from collections import Counter
+from typing import Iterator
+
+import pyarrow as pa
+
+from cnpipe import images
+from cnpipe.dataset import Manifest, Reject, ShardedOutput, ShardResult
+from cnpipe.progress import bar
+from components.hub_load import sources
+
+STAGE = "hub_load"
+
+SEED_SCHEMA = pa.schema(
+    [
+        ("id", pa.string()),
+        ("image", pa.binary()),
+        ("width", pa.int32()),
+        ("height", pa.int32()),
+        ("url", pa.string()),
+        ("source_caption", pa.string()),
+        ("origin", pa.string()),
+    ]
+)
+
+
+def clean_caption(raw: bytes | str | None, notes: Counter) -> str | None:
+    """Captions are optional: a bad one is dropped and counted, never a reason to lose the image."""
+    if raw is None:
+        return None
+    if isinstance(raw, bytes):
+        try:
+            raw = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            notes["caption_not_utf8"] += 1
+            return None
+    if not isinstance(raw, str):
+        raw = str(raw)
+    text = " ".join(raw.split())
+    if not text:
+        notes["empty_caption"] += 1
+        return None
+    return text
+
+
+def records(config) -> Iterator[sources.RawRecord]:
+    cfg = config.hub_load
+    if cfg.kind == "folder":
+        stream = sources.from_folder(cfg.source)
+    elif cfg.kind == "hf":
+        stream = sources.from_hf(cfg.source, cfg.split, cfg.streaming, cfg.image_column, cfg.caption_column, cfg.id_column)
+    elif cfg.kind == "table":
+        stream = sources.from_table(cfg.source, cfg.url_column, cfg.caption_column, cfg.id_column)
+    else:
+        raise ValueError(f"hub_load.kind must be one of hf, folder, table; got {cfg.kind!r}")
+    return itertools.islice(stream, cfg.max_rows) if cfg.max_rows else stream
+
+
+def normalise(batch: list[sources.RawRecord], seen: set[str], cfg) -> ShardResult:
+    rows: dict[str, list] = {name: [] for name in SEED_SCHEMA.names}
+    rejects: list[Reject] = []
+    notes: Counter = Counter()
+    for record in batch:
+        if record.id in seen:
+            rejects.append(Reject(record.id, "duplicate_id", record.origin))
+            continue
+        seen.add(record.id)
+        encoded, width, height = None, None, None
+        if record.image is not None:
+            try:
+                image = images.decode_rgb(record.image, cfg.min_image_side, cfg.max_image_pixels)
+            except images.ImageRejected as err:
+                rejects.append(Reject(record.id, err.reason, f"{record.origin}: {err.detail}"))
+                continue
+            image = images.fit_within(image, cfg.max_image_side)
+            encoded, (width, height) = images.encode(image, cfg.encode_format), image.size
+        elif not record.url:
+            rejects.append(Reject(record.id, "missing_image", record.origin))
+            continue
+        for name, value in zip(
+            SEED_SCHEMA.names,
+            [record.id, encoded, width, height, record.url, clean_caption(record.caption, notes), record.origin],
+        ):
+            rows[name].append(value)
+    return ShardResult(pa.table(rows, schema=SEED_SCHEMA), rejects, notes)
+
+
+def run(config, inputs: dict[str, Manifest], output_uri: str) -> Manifest:
+    cfg = config.hub_load
+    output = ShardedOutput(output_uri, STAGE, config.section_hash("hub_load"), SEED_SCHEMA)
+    seen: set[str] = set()
+    names: list[str] = []
+    progress = bar(STAGE, total=cfg.max_rows or None)
+    stream = records(config)
+    for index in itertools.count():
+        batch = list(itertools.islice(stream, cfg.rows_per_shard))
+        if not batch:
+            break
+        name = f"part-{index:05d}"
+        names.append(name)
+        if output.is_done(name):
+            seen.update(r.id for r in batch)  # ids of finished shards still count for duplicates
+        else:
+            output.commit(name, normalise(batch, seen, cfg), rows_in=len(batch))
+        progress.update(len(batch))
+    progress.close()
+    return output.finalize(names, inputs=[cfg.source])

@@ -1,0 +1,28 @@
+"""The one place that names the stages: their module and the image family whose environment runs them.
+
+A family is one locked environment (envs/<family>.lock.txt) and, in production, one image.
+"""
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    name: str
+    module: str  # run as `python -m <module>` in the family's interpreter
+    family: str
+
+
+STAGES = {
+    s.name: s
+    for s in [
+        StageSpec("hub_load", "components.hub_load", "core"),
+        StageSpec("clip_embed", "components.clip_embed", "vision"),
+        StageSpec("laion_retrieval", "components.laion_retrieval", "core"),
+        StageSpec("download", "components.download", "download"),
+        StageSpec("blip_caption", "components.blip_caption", "vision"),
+        StageSpec("conditioning", "components.conditioning", "conditioning"),
+        StageSpec("report", "components.report", "core"),
+    ]
+}
+
+FAMILIES = ("core", "vision", "download", "conditioning")

@@ -1,0 +1,243 @@
+"""Typed configuration of the pipeline, and its presets.
+
+A preset is a complete `PipelineConfig`. A new domain is a new preset here: dataset, retrieval
+prompts, conditioning types and models change; `pipeline.py` does not. Configs are strict:
+an unknown or mistyped key fails before any work, naming the field.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; the message names the field."""
+
+
+@dataclass
+class StorageConfig:
+    root: str = "runs"  # a local folder or gs://bucket/prefix; every stage writes under <root>/<run id>/
+
+
+@dataclass
+class HubLoadConfig:
+    kind: str = "folder"  # hf | folder | table
+    source: str = ""  # dataset id (hf), folder path or URL (folder), .parquet/.csv path or URL (table)
+    split: str = "train"
+    streaming: bool = True  # hf only: stream instead of downloading the whole dataset first
+    image_column: str = "image"
+    caption_column: str = "text"
+    url_column: str = "url"
+    id_column: str = ""  # empty: ids are derived from the source location of each row
+    max_rows: int = 0  # 0: all rows
+    rows_per_shard: int = 512
+    min_image_side: int = 16
+    max_image_side: int = 1024  # larger images are downscaled once, here
+    max_image_pixels: int = 89_478_485  # decompression-bomb guard (Pillow's default)
+    encode_format: str = "jpeg"
+
+
+@dataclass
+class ClipEmbedConfig:
+    model: str = "openai/clip-vit-large-patch14"  # hub id or local save_pretrained folder
+    batch_size: int = 32
+    device: str = "auto"  # auto | cpu | cuda
+
+
+@dataclass
+class RetrievalConfig:
+    service_url: str = "https://knn.laion.ai/knn-service"
+    indice_name: str = "laion5B-L-14"
+    prompts: list[str] = field(default_factory=list)
+    use_image_seeds: bool = True  # query with each seed image's CLIP embedding
+    max_seed_images: int = 0  # 0: all
+    num_images: int = 40  # results asked per query
+    min_similarity: float = 0.0
+    deduplicate: bool = True
+    use_safety_model: bool = True
+    use_violence_detector: bool = True
+    aesthetic_score: int = 9
+    aesthetic_weight: float = 0.5
+    timeout_s: float = 60.0
+    retries: int = 3
+    max_urls: int = 0  # 0: no cap
+
+
+@dataclass
+class DownloadConfig:
+    image_size: int = 512
+    resize_mode: str = "keep_ratio"  # img2dataset: no | keep_ratio | center_crop | border
+    min_image_size: int = 64
+    max_aspect_ratio: float = 3.0
+    timeout_s: int = 10
+    retries: int = 1
+    thread_count: int = 32
+    processes_count: int = 1
+    encode_format: str = "jpg"
+    encode_quality: int = 95
+    allow_file_urls: bool = False
+    allowed_networks: list[str] = field(default_factory=list)  # CIDRs exempt from the private-address guard
+    user_agent_token: str = "controlnet-pipeline"
+    disallowed_header_directives: list[str] = field(default_factory=lambda: ["noai", "noimageai", "noindex", "noimageindex"])
+
+
+@dataclass
+class CaptionConfig:
+    model: str = "Salesforce/blip-image-captioning-large"
+    batch_size: int = 16
+    max_new_tokens: int = 30
+    num_beams: int = 1
+    prompt: str = ""  # conditional captioning prefix, e.g. "a photography of"
+    device: str = "auto"
+
+
+@dataclass
+class ConditioningConfig:
+    types: list[str] = field(default_factory=lambda: ["canny", "pose"])
+    canny_low: int = 100
+    canny_high: int = 200
+    pose_min_detection_confidence: float = 0.5
+    pose_model_complexity: int = 1  # 0, 1 or 2: MediaPipe's lite, full and heavy pose models
+
+
+@dataclass
+class ReportConfig:
+    sample_rows: int = 8
+
+
+@dataclass
+class PipelineConfig:
+    name: str = "production"
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    hub_load: HubLoadConfig = field(default_factory=HubLoadConfig)
+    clip_embed: ClipEmbedConfig = field(default_factory=ClipEmbedConfig)
+    retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)
+    download: DownloadConfig = field(default_factory=DownloadConfig)
+    caption: CaptionConfig = field(default_factory=CaptionConfig)
+    conditioning: ConditioningConfig = field(default_factory=ConditioningConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)
+    kubeflow_host: str = ""
+    embedded_assets: str = ""  # folder of generated seeds, pool and tiny models (embedded preset only)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    def section_hash(self, section: str) -> str:
+        """Hash of one stage's settings: a rerun with other settings must not reuse its shards."""
+        blob = json.dumps(self.to_dict()[section], sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def _build(cls: type, data: Any, path: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"config field '{path or 'root'}' must be a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        where = f"{path}." if path else ""
+        raise ConfigError(
+            f"unknown config key '{where}{unknown[0]}'; valid keys{' of ' + path if path else ''}: {', '.join(sorted(names))}"
+        )
+    kwargs = {}
+    for name, value in data.items():
+        kwargs[name] = _coerce(hints[name], value, f"{path}.{name}" if path else name)
+    return cls(**kwargs)
+
+
+def _coerce(hint: Any, value: Any, path: str) -> Any:
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, path)
+    origin = typing.get_origin(hint)
+    if origin is list:
+        (item,) = typing.get_args(hint)
+        if not isinstance(value, list):
+            raise ConfigError(f"config field '{path}' must be a list, got {value!r}")
+        return [_coerce(item, v, f"{path}[{i}]") for i, v in enumerate(value)]
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint in (int, float) and isinstance(value, bool) or not isinstance(value, hint):
+        raise ConfigError(f"config field '{path}' must be {hint.__name__}, got {value!r}")
+    return value
+
+
+def from_dict(data: dict) -> PipelineConfig:
+    return _build(PipelineConfig, data, "")
+
+
+def from_json(text: str) -> PipelineConfig:
+    return from_dict(json.loads(text))
+
+
+def with_overrides(config: PipelineConfig, overrides: list[str]) -> PipelineConfig:
+    """Apply `section.key=value` overrides (value parsed as JSON, else taken as a string)."""
+    data = config.to_dict()
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form section.key=value")
+        dotted, raw = item.split("=", 1)
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        node = data
+        keys = dotted.split(".")
+        for key in keys[:-1]:
+            if not isinstance(node.get(key), dict):
+                raise ConfigError(f"unknown config key '{dotted}'")
+            node = node[key]
+        if keys[-1] not in node:
+            raise ConfigError(f"unknown config key '{dotted}'")
+        node[keys[-1]] = value
+    return from_dict(data)
+
+
+def embedded(assets: str = ".cache/embedded") -> PipelineConfig:
+    """Runs on one machine with no network: generated seed images, a loopback LAION stand-in, tiny models."""
+    return PipelineConfig(
+        name="embedded",
+        storage=StorageConfig(root="runs"),
+        hub_load=HubLoadConfig(kind="folder", source=f"{assets}/seeds", rows_per_shard=8, max_image_side=256),
+        clip_embed=ClipEmbedConfig(model=f"{assets}/models/tiny-clip", batch_size=8, device="cpu"),
+        retrieval=RetrievalConfig(
+            service_url="",  # set at run time to the loopback kNN service
+            indice_name="embedded-pool",
+            prompts=["a photo of a person", "a photo of a cat", "a colorful pattern"],
+            num_images=6,
+            use_safety_model=False,
+            use_violence_detector=False,
+            timeout_s=30.0,
+        ),
+        download=DownloadConfig(
+            image_size=256,
+            min_image_size=32,
+            timeout_s=5,
+            retries=0,
+            thread_count=8,
+            processes_count=1,
+            allowed_networks=["127.0.0.0/8"],
+        ),
+        caption=CaptionConfig(model=f"{assets}/models/tiny-blip", batch_size=8, max_new_tokens=12, device="cpu"),
+        conditioning=ConditioningConfig(types=["canny", "pose"], pose_model_complexity=1),
+        report=ReportConfig(sample_rows=8),
+        embedded_assets=assets,
+    )
+
+
+PRESETS: dict[str, typing.Callable[[], PipelineConfig]] = {
+    "embedded": embedded,
+    "production": PipelineConfig,
+}
+
+
+def preset(name: str) -> PipelineConfig:
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; choose one of: {', '.join(sorted(PRESETS))}")
+    return PRESETS[name]()
