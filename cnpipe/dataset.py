@@ -11,6 +11,7 @@ commits atomic, object stores free of millions of small files, and a reader from
 """
 from __future__ import annotations
 
+import base64
 import dataclasses
 import datetime as _dt
 from collections import Counter
@@ -66,7 +67,12 @@ class Manifest:
     notes: dict[str, int]
     inputs: list[str]
     created_at: str
+    arrow_schema_b64: str = ""
     format: str = FORMAT
+
+    def arrow_schema(self) -> pa.Schema:
+        """The exact Arrow schema of the data shards (the `schema` field is its readable form)."""
+        return pa.ipc.read_schema(pa.py_buffer(base64.b64decode(self.arrow_schema_b64)))
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
@@ -181,6 +187,7 @@ class ShardedOutput:
             notes=dict(sorted(notes.items())),
             inputs=inputs,
             created_at=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            arrow_schema_b64=base64.b64encode(self.schema.serialize().to_pybytes()).decode(),
         )
         storage.write_json_atomic(storage.join(self.uri, "manifest.json"), manifest.to_json())
         return manifest

@@ -1,0 +1,83 @@
+"""The embedded default's stand-in for the web and for LAION's kNN service, on one loopback port.
+
+GET  /images/<path>   the pool's files (404 for the ones that "rotted")
+POST /knn-service     clip-retrieval's API over a faiss index of the pool, embedded with the
+                      pipeline's own CLIP model (built once, cached beside the pool)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import mimetypes
+import pathlib
+import signal
+import time
+
+import numpy as np
+from PIL import Image
+
+from components.laion_retrieval import index as knn_index
+from components.laion_retrieval import knn_service
+
+
+def build_pool_index(assets: pathlib.Path, clip_model: str) -> pathlib.Path:
+    folder = assets / "pool-index"
+    if (folder / "image.index").exists():
+        return folder
+    from components.clip_embed.stage import ClipImageEmbedder
+
+    entries = json.loads((assets / "pool" / "index.json").read_text())
+    embedder = ClipImageEmbedder(clip_model, "cpu")
+    vectors = embedder([Image.open(assets / "pool" / e["embed"]).convert("RGB") for e in entries])
+    knn_index.build(np.asarray(vectors), [e["path"] for e in entries], [e["caption"] for e in entries], str(folder))
+    return folder
+
+
+def make_handler(pool: pathlib.Path, indices, embed_text, base_url: list[str]):
+    knn_handler = knn_service.make_handler(indices, embed_text)
+
+    class LocalWebHandler(knn_handler):
+        def do_GET(self) -> None:
+            if not self.path.startswith("/images/"):
+                return super().do_GET()
+            target = (pool / self.path[len("/images/"):]).resolve()
+            if pool.resolve() not in target.parents or not target.is_file():
+                self.send_error(404)
+                return
+            body = target.read_bytes()
+            self.send_response(200)
+            self.send_header("Content-Type", mimetypes.guess_type(target.name)[0] or "application/octet-stream")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def _send(self, status, payload) -> None:
+            if isinstance(payload, list):  # pool paths become absolute loopback URLs
+                payload = [{**r, "url": f"{base_url[0]}/images/{r['url']}"} if isinstance(r, dict) else r for r in payload]
+            super()._send(status, payload)
+
+    return LocalWebHandler
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--assets", required=True)
+    parser.add_argument("--clip-model", required=True)
+    parser.add_argument("--indice-name", default="embedded-pool")
+    parser.add_argument("--ready-file", required=True, help="written with the port once serving")
+    args = parser.parse_args()
+    assets = pathlib.Path(args.assets)
+    index = knn_index.KnnIndex(str(build_pool_index(assets, args.clip_model)))
+    base_url: list[str] = [""]
+    handler = make_handler(assets / "pool", {args.indice_name: index}, knn_service.ClipTextEmbedder(args.clip_model), base_url)
+    server = knn_service.serve(handler)
+    port = server.server_address[1]
+    base_url[0] = f"http://127.0.0.1:{port}"
+    pathlib.Path(args.ready_file).write_text(json.dumps({"port": port, "knn_url": f"{base_url[0]}/knn-service"}))
+    signal.signal(signal.SIGTERM, lambda *_: server.shutdown() or exit(0))
+    while True:
+        time.sleep(3600)
+
+
+if __name__ == "__main__":
+    main()

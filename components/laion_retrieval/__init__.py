@@ -1,0 +1,1 @@
+"""Stage 3, LAION retrieval: more image URLs by CLIP similarity, from a clip-retrieval kNN service."""
