@@ -110,6 +110,66 @@ class ReportConfig:
 
 
 @dataclass
+class BaseModelConfig:
+    """The frozen Stable-Diffusion-style base the ControlNet is trained beside (a diffusers folder or hub id)."""
+
+    path: str = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+    revision: str = ""
+    text_encoder: str = "clip"  # clip (SD 1.x/2.x text_encoder) | t5 (T5EncoderModel, for T5-conditioned bases)
+    t5_model: str = ""  # t5 only: folder or hub id of the T5 encoder (and tokenizer)
+
+
+@dataclass
+class EncodeConfig:
+    conditioning_type: str = "canny"  # which conditioning dataset to train on
+    resolution: int = 512  # must be divisible by 8
+    caption_source: str = "prefer_source"  # prefer_source | blip | source
+    holdout_fraction: float = 0.02  # rows (by stable id, cnpipe.splits) kept out of training for evaluate
+    batch_size: int = 8
+    max_text_length: int = 77
+    device: str = "auto"
+
+
+@dataclass
+class TrainConfig:
+    seed: int = 0
+    max_steps: int = 10_000
+    global_batch_size: int = 32  # over all devices and hosts, per optimizer step
+    grad_accum_steps: int = 1
+    learning_rate: float = 1e-5
+    warmup_steps: int = 500
+    lr_schedule: str = "cosine"  # constant | cosine | linear
+    adam_b1: float = 0.9
+    adam_b2: float = 0.999
+    weight_decay: float = 1e-2
+    max_grad_norm: float = 1.0
+    ema_decay: float = 0.9999  # 0 disables EMA
+    compute_dtype: str = "auto"  # auto (bf16 on accelerators, fp32 on CPU) | bfloat16 | float32
+    gradient_checkpointing: bool = False
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 3
+    log_every: int = 10
+    validation_every: int = 0  # 0: only at the end
+    num_processes: int = 1  # hosts; >1 runs jax.distributed.initialize
+    coordinator_address: str = ""  # host:port of process 0 for multi-host runs (else from the environment)
+    wandb_project: str = ""
+    tensorboard: bool = False
+
+
+@dataclass
+class EvaluateConfig:
+    num_samples: int = 8  # held-out control images
+    num_inference_steps: int = 30
+    guidance_scale: float = 7.5
+    controlnet_conditioning_scale: float = 1.0
+    use_ema: bool = True
+    seed: int = 0
+    fid_min_images: int = 50  # FID only when at least this many reference images exist
+    clip_model: str = "openai/clip-vit-large-patch14"
+    device: str = "auto"
+
+
+@dataclass
 class PipelineConfig:
     name: str = "production"
     storage: StorageConfig = field(default_factory=StorageConfig)
@@ -120,6 +180,10 @@ class PipelineConfig:
     caption: CaptionConfig = field(default_factory=CaptionConfig)
     conditioning: ConditioningConfig = field(default_factory=ConditioningConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
+    base_model: BaseModelConfig = field(default_factory=BaseModelConfig)
+    encode: EncodeConfig = field(default_factory=EncodeConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     kubeflow_host: str = ""
     embedded_assets: str = ""  # folder of generated seeds, pool and tiny models (embedded preset only)
 
@@ -227,6 +291,15 @@ def embedded(assets: str = ".cache/embedded") -> PipelineConfig:
         caption=CaptionConfig(model=f"{assets}/models/tiny-blip", batch_size=8, max_new_tokens=12, device="cpu"),
         conditioning=ConditioningConfig(types=["canny", "pose"], pose_model_complexity=1),
         report=ReportConfig(sample_rows=8),
+        base_model=BaseModelConfig(path=f"{assets}/models/tiny-sd"),
+        encode=EncodeConfig(conditioning_type="canny", resolution=64, batch_size=8, holdout_fraction=0.15, device="cpu"),
+        train=TrainConfig(
+            max_steps=30, global_batch_size=4, learning_rate=1e-4, warmup_steps=5, ema_decay=0.99,
+            checkpoint_every=10, log_every=5, compute_dtype="auto",
+        ),
+        evaluate=EvaluateConfig(
+            num_samples=4, num_inference_steps=4, guidance_scale=3.0, clip_model=f"{assets}/models/tiny-clip", device="cpu",
+        ),
         embedded_assets=assets,
     )
 

@@ -22,7 +22,21 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def main(stage: str, run: Callable[..., Manifest], argv: list[str] | None = None) -> int:
+def summary(stage: str, result: "Manifest | dict") -> dict:
+    """A row dataset reports its accounting; a stage that makes models (train, evaluate) returns its own dict."""
+    if not isinstance(result, Manifest):
+        return {"stage": stage, **result}
+    return {
+        "stage": stage,
+        "uri": result.uri,
+        "rows_in": result.rows_in,
+        "rows_out": result.rows_out,
+        "rows_rejected": result.rows_rejected,
+        "rejections": result.rejections,
+    }
+
+
+def main(stage: str, run: Callable[..., "Manifest | dict"], argv: list[str] | None = None) -> int:
     import pipeline_configs
 
     args = parse(argv)
@@ -36,17 +50,6 @@ def main(stage: str, run: Callable[..., Manifest], argv: list[str] | None = None
     for item in args.input:
         name, _, uri = item.partition("=")
         inputs[name] = Manifest.load(uri)
-    manifest = run(config, inputs, args.output)
-    print(
-        json.dumps(
-            {
-                "stage": stage,
-                "uri": manifest.uri,
-                "rows_in": manifest.rows_in,
-                "rows_out": manifest.rows_out,
-                "rows_rejected": manifest.rows_rejected,
-                "rejections": manifest.rejections,
-            }
-        )
-    )
+    result = run(config, inputs, args.output)
+    print(json.dumps(summary(stage, result)))
     return 0

@@ -22,7 +22,10 @@ STAGES = {
         StageSpec("blip_caption", "components.blip_caption", "vision"),
         StageSpec("conditioning", "components.conditioning", "conditioning"),
         StageSpec("report", "components.report", "core"),
+        StageSpec("encode", "components.encode", "vision"),
+        StageSpec("controlnet_train", "components.controlnet_train", "train"),
+        StageSpec("evaluate", "components.evaluate", "vision"),
     ]
 }
 
-FAMILIES = ("core", "vision", "download", "conditioning")
+FAMILIES = ("core", "vision", "download", "conditioning", "train")

@@ -12,7 +12,7 @@ UV=$(command -v uv || echo "$("$PY" -m site --user-base)/bin/uv")
 export UV_PYTHON_DOWNLOADS=never
 # A CPU torch wheel in a local find-links folder (PIP_FIND_LINKS) is preferred to PyPI's CUDA build.
 if [ -z "${UV_FIND_LINKS:-}" ] && [ -n "${PIP_FIND_LINKS:-}" ]; then export UV_FIND_LINKS=$PIP_FIND_LINKS; fi
-FAMILIES=${FAMILIES:-"core vision download conditioning"}
+FAMILIES=${FAMILIES:-"core vision download conditioning train"}
 for fam in $FAMILIES; do
   venv=.venvs/$fam
   stamp=$venv/.lock-sha

@@ -1,0 +1,1 @@
+"""Stage 4, download: URLs into images with img2dataset, behind an address guard."""

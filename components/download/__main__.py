@@ -1,0 +1,12 @@
+import sys
+
+from components.download import url_guard
+
+# Runs again in every worker img2dataset spawns, so the guard covers them and their redirects.
+url_guard.install_from_env()
+
+if __name__ == "__main__":
+    from cnpipe.cli import main
+    from components.download.stage import run
+
+    sys.exit(main("download", run))
