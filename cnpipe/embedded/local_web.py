@@ -1,6 +1,7 @@
 """The embedded default's stand-in for the web and for LAION's kNN service, on one loopback port.
 
 GET  /images/<path>   the pool's files (404 for the ones that "rotted")
+GET  /redirect?to=U   a 302 to U (lets tests check that redirects are guarded too)
 POST /knn-service     clip-retrieval's API over a faiss index of the pool, embedded with the
                       pipeline's own CLIP model (built once, cached beside the pool)
 """
@@ -12,6 +13,7 @@ import mimetypes
 import pathlib
 import signal
 import time
+import urllib.parse
 
 import numpy as np
 from PIL import Image
@@ -38,6 +40,13 @@ def make_handler(pool: pathlib.Path, indices, embed_text, base_url: list[str]):
 
     class LocalWebHandler(knn_handler):
         def do_GET(self) -> None:
+            if self.path.startswith("/redirect?"):
+                target = urllib.parse.parse_qs(urllib.parse.urlsplit(self.path).query).get("to", [""])[0]
+                self.send_response(302)
+                self.send_header("Location", target)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
             if not self.path.startswith("/images/"):
                 return super().do_GET()
             target = (pool / self.path[len("/images/"):]).resolve()
@@ -65,12 +74,13 @@ def main() -> None:
     parser.add_argument("--clip-model", required=True)
     parser.add_argument("--indice-name", default="embedded-pool")
     parser.add_argument("--ready-file", required=True, help="written with the port once serving")
+    parser.add_argument("--port", type=int, default=0, help="0: any free port (a resumed run passes its old one: URLs name it)")
     args = parser.parse_args()
     assets = pathlib.Path(args.assets)
     index = knn_index.KnnIndex(str(build_pool_index(assets, args.clip_model)))
     base_url: list[str] = [""]
     handler = make_handler(assets / "pool", {args.indice_name: index}, knn_service.ClipTextEmbedder(args.clip_model), base_url)
-    server = knn_service.serve(handler)
+    server = knn_service.serve(handler, port=args.port)
     port = server.server_address[1]
     base_url[0] = f"http://127.0.0.1:{port}"
     pathlib.Path(args.ready_file).write_text(json.dumps({"port": port, "knn_url": f"{base_url[0]}/knn-service"}))

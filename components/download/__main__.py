@@ -1,4 +1,8 @@
+import os
 import sys
+
+# img2dataset imports albumentations, whose import phones home for updates unless told not to.
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 from components.download import url_guard
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import glob
-import io
 import os
 import re
 import sys
@@ -49,12 +48,37 @@ def failure_reason(message: str | None) -> str:
         ("unsafe redirect", "unsafe_redirect"), ("refused", "unsafe_address"), ("timed out", "timeout"),
         ("timeout", "timeout"), ("too small", "too_small"), ("aspect ratio", "bad_aspect_ratio"),
         ("too large", "too_large"), ("cannot identify", "not_an_image"), ("truncated", "truncated_image"),
-        ("decode", "not_an_image"), ("x-robots-tag", "opted_out"), ("connection", "connection_error"),
+        ("decod", "not_an_image"), ("x-robots-tag", "opted_out"), ("connection", "connection_error"),
         ("name or service", "dns_failure"),
     ):
         if needle in text:
             return reason
     return "download_error"
+
+
+@contextlib.contextmanager
+def quiet_file_descriptors(log_path: str):
+    """img2dataset's worker processes print per-shard stats and bars to fds 1 and 2; keep them in a log
+    (shown when the call fails) so that our one progress bar stays readable."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    with open(log_path, "wb") as log:
+        os.dup2(log.fileno(), 1)
+        os.dup2(log.fileno(), 2)
+    try:
+        yield
+    except BaseException:
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        with open(log_path, "rb") as log:
+            sys.stderr.write(log.read()[-4000:].decode(errors="replace"))
+        raise
+    finally:
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        os.close(saved[0])
+        os.close(saved[1])
 
 
 def fetch(urls: list[tuple[str, str]], cfg) -> dict[str, dict]:
@@ -63,7 +87,7 @@ def fetch(urls: list[tuple[str, str]], cfg) -> dict[str, dict]:
 
     with tempfile.TemporaryDirectory(prefix="cnpipe-dl-") as tmp:
         pq.write_table(pa.table({"url": [u for _, u in urls], "id": [i for i, _ in urls]}), f"{tmp}/urls.parquet")
-        with contextlib.redirect_stdout(io.StringIO()) as log:
+        with quiet_file_descriptors(f"{tmp}/img2dataset.log"):
             img2dataset.download(
                 url_list=f"{tmp}/urls.parquet", input_format="parquet", url_col="url", save_additional_columns=["id"],
                 output_format="parquet", output_folder=f"{tmp}/out", number_sample_per_shard=len(urls) + 1,
@@ -72,9 +96,8 @@ def fetch(urls: list[tuple[str, str]], cfg) -> dict[str, dict]:
                 timeout=cfg.timeout_s, retries=cfg.retries, thread_count=cfg.thread_count,
                 processes_count=cfg.processes_count, encode_format=cfg.encode_format, encode_quality=cfg.encode_quality,
                 user_agent_token=cfg.user_agent_token, disallowed_header_directives=cfg.disallowed_header_directives,
-                incremental_mode="overwrite", enable_wandb=False, compute_hash=None, extract_exif=False,
+                incremental_mode="incremental", enable_wandb=False, compute_hash=None, extract_exif=False,
             )
-        print("\n".join(line for line in log.getvalue().splitlines() if "failed" in line.lower()), file=sys.stderr)
         rows: dict[str, dict] = {}
         for path in sorted(glob.glob(f"{tmp}/out/*.parquet")):
             for row in pq.read_table(path).to_pylist():
