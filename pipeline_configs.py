@@ -101,7 +101,11 @@ class ConditioningConfig:
     canny_low: int = 100
     canny_high: int = 200
     pose_min_detection_confidence: float = 0.5
-    pose_model_complexity: int = 1  # 0, 1 or 2: MediaPipe's lite, full and heavy pose models
+    pose_model_complexity: int = 1  # 0, 1 or 2: MediaPipe's lite, full and heavy pose models (only 1 ships in the wheel)
+    pose_min_visibility: float = 0.5  # landmarks less visible than this are left out of the skeleton
+    pose_min_keypoints: int = 6  # fewer visible OpenPose keypoints than this counts as no_pose
+    caption_source: str = "prefer_source"  # which caption goes in `caption`: prefer_source | blip | source
+    workers: int = 0  # processes making control images; 0: one per CPU core
 
 
 @dataclass
@@ -154,6 +158,14 @@ class TrainConfig:
     coordinator_address: str = ""  # host:port of process 0 for multi-host runs (else from the environment)
     wandb_project: str = ""
     tensorboard: bool = False
+    # ControlNet's conditioning embedder (pixels -> latent grid): one entry per level, len-1 stride-2 convs,
+    # so its length must be log2(VAE scale factor) + 1 (4 for SD's 8x VAE).
+    conditioning_embedding_out_channels: list[int] = field(default_factory=lambda: [16, 32, 96, 256])
+    caption_dropout: float = 0.0  # fraction of rows trained with the empty-prompt encoding (enables CFG)
+    shuffle_window_shards: int = 4  # rows are shuffled within windows of this many shards (bounded memory)
+    validation_rows: int = 4  # held-out rows rendered into validation/ (0: none)
+    validation_inference_steps: int = 20
+    validation_guidance_scale: float = 3.0
 
 
 @dataclass
@@ -162,9 +174,10 @@ class EvaluateConfig:
     num_inference_steps: int = 30
     guidance_scale: float = 7.5
     controlnet_conditioning_scale: float = 1.0
+    batch_size: int = 4  # images per pipeline call (one seed per sample: results equal up to float rounding)
     use_ema: bool = True
     seed: int = 0
-    fid_min_images: int = 50  # FID only when at least this many reference images exist
+    fid_min_images: int = 50  # fd_clip (FID formula on CLIP features) only with at least this many held-out pairs
     clip_model: str = "openai/clip-vit-large-patch14"
     device: str = "auto"
 
@@ -295,7 +308,8 @@ def embedded(assets: str = ".cache/embedded") -> PipelineConfig:
         encode=EncodeConfig(conditioning_type="canny", resolution=64, batch_size=8, holdout_fraction=0.15, device="cpu"),
         train=TrainConfig(
             max_steps=30, global_batch_size=4, learning_rate=1e-4, warmup_steps=5, ema_decay=0.99,
-            checkpoint_every=10, log_every=5, compute_dtype="auto",
+            checkpoint_every=10, log_every=5, compute_dtype="auto", conditioning_embedding_out_channels=[8, 8, 16, 16],
+            validation_rows=2, validation_inference_steps=4,
         ),
         evaluate=EvaluateConfig(
             num_samples=4, num_inference_steps=4, guidance_scale=3.0, clip_model=f"{assets}/models/tiny-clip", device="cpu",

@@ -9,7 +9,7 @@ import json
 import sys
 from typing import Callable
 
-from cnpipe.dataset import Manifest
+from cnpipe.dataset import Manifest, StageOutput, load_output
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
@@ -22,8 +22,10 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def summary(stage: str, result: "Manifest | dict") -> dict:
-    """A row dataset reports its accounting; a stage that makes models (train, evaluate) returns its own dict."""
+def summary(stage: str, result: "Manifest | StageOutput | dict") -> dict:
+    """A row dataset reports its accounting; other stages (conditioning, train, evaluate) their own summary."""
+    if isinstance(result, StageOutput):
+        return {"stage": stage, "uri": result.uri, **result.summary}
     if not isinstance(result, Manifest):
         return {"stage": stage, **result}
     return {
@@ -49,7 +51,7 @@ def main(stage: str, run: Callable[..., "Manifest | dict"], argv: list[str] | No
     inputs = {}
     for item in args.input:
         name, _, uri = item.partition("=")
-        inputs[name] = Manifest.load(uri)
+        inputs[name] = load_output(uri)
     result = run(config, inputs, args.output)
     print(json.dumps(summary(stage, result)))
     return 0

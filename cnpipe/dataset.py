@@ -102,6 +102,25 @@ class Manifest:
         return pa.concat_tables(tables) if tables else REJECTED_SCHEMA.empty_table()
 
 
+@dataclasses.dataclass
+class StageOutput:
+    """The output of a stage that is not one row dataset (conditioning's per-type datasets, a trained
+    model, an evaluation): a folder with a summary.json that the stage wrote last."""
+
+    uri: str
+    summary: dict
+
+
+def load_output(uri: str) -> "Manifest | StageOutput":
+    """Whatever a stage left at `uri`: its Manifest, or its summary when it is not a row dataset."""
+    if storage.exists(storage.join(uri, "manifest.json")):
+        return Manifest.load(uri)
+    path = storage.join(uri, "summary.json")
+    if not storage.exists(path):
+        raise ContractError(f"nothing finished at {uri}: neither manifest.json nor summary.json (did the stage finish?)")
+    return StageOutput(uri, storage.read_json(path))
+
+
 def schema_to_json(schema: pa.Schema) -> list[dict]:
     return [{"name": f.name, "type": str(f.type), "nullable": f.nullable} for f in schema]
 

@@ -10,7 +10,7 @@ import pathlib
 import subprocess
 import sys
 
-from cnpipe.dataset import Manifest
+from cnpipe.dataset import Manifest, StageOutput, load_output
 from components.registry import STAGES
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -36,7 +36,7 @@ def stage_command(stage: str, config_json: str, inputs: dict[str, str], output_u
     return argv
 
 
-def run_stage(stage: str, config_json: str, inputs: dict[str, str], output_uri: str) -> Manifest:
+def run_stage(stage: str, config_json: str, inputs: dict[str, str], output_uri: str) -> "Manifest | StageOutput":
     """Run one stage to completion in its family's interpreter and return its manifest."""
     argv = stage_command(stage, config_json, inputs, output_uri)
     env = dict(os.environ)
@@ -44,4 +44,4 @@ def run_stage(stage: str, config_json: str, inputs: dict[str, str], output_uri: 
     completed = subprocess.run(argv, env=env)
     if completed.returncode != 0:
         raise StageFailed(f"stage {stage} exited with status {completed.returncode} ({argv[0]})")
-    return Manifest.load(output_uri)
+    return load_output(output_uri)

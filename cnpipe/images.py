@@ -90,3 +90,8 @@ def fit_within(image: Image.Image, max_side: int) -> Image.Image:
     scale = max_side / max(image.size)
     size = (max(1, round(image.size[0] * scale)), max(1, round(image.size[1] * scale)))
     return image.resize(size, Image.Resampling.LANCZOS)
+
+
+def encode_array(array, fmt: str = "png") -> bytes:
+    """Encode an H×W×3 uint8 array (a control image); PNG keeps edges and skeleton colors exact."""
+    return encode(Image.fromarray(array), fmt)

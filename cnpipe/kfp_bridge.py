@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 
 from cnpipe import storage
+from cnpipe import cli
 from cnpipe.families import run_stage
 
 
@@ -23,15 +24,8 @@ def run_component(stage: str, config_json: str, run_id: str, inputs: dict, outpu
 
     config = pipeline_configs.from_json(config_json)
     output_uri = storage.join(config.storage.root, run_id, stage)
-    manifest = run_stage(stage, config_json, {k: dataset_uri(a) for k, a in inputs.items()}, output_uri)
-    summary = {
-        "dataset_uri": manifest.uri,
-        "stage": stage,
-        "rows_in": manifest.rows_in,
-        "rows_out": manifest.rows_out,
-        "rows_rejected": manifest.rows_rejected,
-        "rejections": manifest.rejections,
-    }
+    result = run_stage(stage, config_json, {k: dataset_uri(a) for k, a in inputs.items()}, output_uri)
+    summary = {"dataset_uri": result.uri, **cli.summary(stage, result)}
     output.metadata.update(summary)
     with open(output.path, "w") as f:
         json.dump(summary, f)

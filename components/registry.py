@@ -29,3 +29,19 @@ STAGES = {
 }
 
 FAMILIES = ("core", "vision", "download", "conditioning", "train")
+
+# Conditioning types: name -> "module:Class" following components/conditioning/contract.py.
+# A new type is a new module and one line here; configs pick types by name (conditioning.types).
+CONDITIONERS = {
+    "canny": "components.conditioning.canny:CannyConditioner",
+    "pose": "components.conditioning.pose:PoseConditioner",
+}
+
+
+def conditioner_class(name: str):
+    import importlib
+
+    if name not in CONDITIONERS:
+        raise ValueError(f"unknown conditioning type {name!r}; registered: {', '.join(sorted(CONDITIONERS))}")
+    module, _, cls = CONDITIONERS[name].partition(":")
+    return getattr(importlib.import_module(module), cls)

@@ -60,7 +60,7 @@ def embed_shard(table: pa.Table, embedder: ClipImageEmbedder, batch_size: int) -
         if len(pending) >= batch_size:
             flush()
     flush()
-    kept = table.filter(pa.array(keep))
+    kept = table.filter(pa.array(keep, type=pa.bool_()))
     column = pa.array([e for e, k in zip(embeddings, keep) if k], type=pa.list_(pa.float32()))
     return ShardResult(kept.append_column("clip_embedding", column), rejects, notes)
 

@@ -1,0 +1,80 @@
+"""BLIP caption: a generated caption for every image, batched; a caption that came with the data stays
+in `source_caption`, so training can choose either (encode.caption_source)."""
+from __future__ import annotations
+
+from collections import Counter
+
+import pyarrow as pa
+
+from cnpipe import images
+from cnpipe.dataset import Manifest, Reject, ShardResult
+from cnpipe.stage import run_per_shard
+
+STAGE = "blip_caption"
+
+
+class BlipCaptioner:
+    """BLIP (BlipForConditionalGeneration) or BLIP-2 (Blip2ForConditionalGeneration), picked from the checkpoint's config."""
+
+    def __init__(self, model_id: str, device: str = "auto", max_new_tokens: int = 30, num_beams: int = 1, prompt: str = ""):
+        import torch
+        from transformers import AutoConfig, AutoProcessor, Blip2ForConditionalGeneration, BlipForConditionalGeneration
+
+        from cnpipe.torch_models import load, pick_device
+
+        self.torch = torch
+        self.device = pick_device(device)
+        model_cls = Blip2ForConditionalGeneration if AutoConfig.from_pretrained(model_id).model_type == "blip-2" else BlipForConditionalGeneration
+        self.model, self.processor = load(model_cls, AutoProcessor, model_id, self.device)
+        self.generate_kwargs = {"max_new_tokens": max_new_tokens, "num_beams": num_beams, "do_sample": False}
+        self.prompt = prompt
+
+    def __call__(self, pil_images: list) -> list[str]:
+        with self.torch.inference_mode():
+            kwargs = {"images": pil_images, "return_tensors": "pt"}
+            if self.prompt:
+                kwargs["text"] = [self.prompt] * len(pil_images)
+            batch = self.processor(**kwargs).to(self.device)
+            batch["pixel_values"] = batch["pixel_values"].to(self.model.dtype)
+            tokens = self.model.generate(**batch, **self.generate_kwargs)
+        return [t.strip() for t in self.processor.batch_decode(tokens, skip_special_tokens=True)]
+
+
+def caption_shard(table: pa.Table, captioner, batch_size: int) -> ShardResult:
+    captions: list = [None] * table.num_rows
+    keep = [True] * table.num_rows
+    rejects, notes = [], Counter()
+    pending: list[tuple[int, object]] = []
+
+    def flush() -> None:
+        if pending:
+            for (row, _), text in zip(pending, captioner([image for _, image in pending])):
+                captions[row] = text
+                if not text:
+                    notes["blip_caption_empty"] += 1
+            pending.clear()
+
+    for row, (row_id, blob) in enumerate(zip(table.column("id").to_pylist(), table.column("image").to_pylist())):
+        try:
+            pending.append((row, images.decode_rgb(blob)))
+        except images.ImageRejected as err:
+            rejects.append(Reject(row_id, err.reason, err.detail))
+            keep[row] = False
+            continue
+        if len(pending) >= batch_size:
+            flush()
+    flush()
+    kept = table.filter(pa.array(keep, type=pa.bool_()))
+    column = pa.array([c for c, k in zip(captions, keep) if k], type=pa.string())
+    return ShardResult(kept.append_column("blip_caption", column), rejects, notes)
+
+
+def run(config, inputs: dict[str, Manifest], output_uri: str) -> Manifest:
+    cfg = config.caption
+    (source,) = inputs.values()
+    captioner = BlipCaptioner(cfg.model, cfg.device, cfg.max_new_tokens, cfg.num_beams, cfg.prompt)
+    schema = source.arrow_schema().append(pa.field("blip_caption", pa.string()))
+    return run_per_shard(
+        STAGE, [source], output_uri, config.section_hash("caption"), schema,
+        lambda table, _: caption_shard(table, captioner, cfg.batch_size),
+    )

@@ -1,0 +1,28 @@
+"""What a conditioning type is: the contract every control-image maker follows.
+
+A conditioner is a class built once per worker from the pipeline's ConditioningConfig, called on one
+RGB image (H×W×3 uint8 numpy array), returning the control image (H×W×3 uint8, same size: ControlNet
+pairs pixels) or raising NoControl(reason) when the image has nothing to condition on (no person for
+pose): the row is then rejected from that type's dataset with the reason, never dropped.
+Register a new type in components/registry.py CONDITIONERS.
+"""
+from __future__ import annotations
+
+from typing import Protocol
+
+import numpy as np
+
+
+class NoControl(Exception):
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+        self.detail = detail
+
+
+class Conditioner(Protocol):
+    name: str
+
+    def __init__(self, config) -> None: ...
+
+    def __call__(self, rgb: np.ndarray) -> np.ndarray: ...

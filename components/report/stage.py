@@ -1,0 +1,91 @@
+"""Report: what every stage did (rows in/out/rejected, rejections by reason) and a contact sheet.
+
+Reads only manifests, rejected tables' reasons and the first shards of the conditioning datasets
+(stops once it has its sample), so it stays cheap at any dataset size.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+
+from cnpipe import storage
+from cnpipe.dataset import Manifest, StageOutput
+from components.report import contact_sheet
+
+STAGE = "report"
+
+
+def stage_rows(inputs: dict) -> list[dict]:
+    """One accounting row per dataset, conditioning types each on their own row."""
+    rows = []
+    for name, item in inputs.items():
+        if isinstance(item, Manifest):
+            rows.append({"stage": item.stage, "uri": item.uri, "rows_in": item.rows_in, "rows_out": item.rows_out,
+                         "rows_rejected": item.rows_rejected, "rejections": item.rejections, "notes": item.notes})
+        elif isinstance(item, StageOutput) and "types" in item.summary:
+            for type_name, info in item.summary["types"].items():
+                m = Manifest.load(info["uri"])
+                rows.append({"stage": m.stage, "uri": m.uri, "rows_in": m.rows_in, "rows_out": m.rows_out,
+                             "rows_rejected": m.rows_rejected, "rejections": m.rejections, "notes": m.notes})
+        else:
+            rows.append({"stage": name, "uri": item.uri, **{k: v for k, v in item.summary.items() if not isinstance(v, (dict, list))}})
+    return rows
+
+
+def sample_rows(conditioning: StageOutput, count: int) -> tuple[list[dict], list[str]]:
+    """Up to `count` rows, those that have every control type first (people, for pose), then the rest."""
+    types = list(conditioning.summary["types"])
+    manifests = {t: Manifest.load(conditioning.summary["types"][t]["uri"]) for t in types}
+    controls: dict[str, dict] = {}
+    for t in types:
+        for _, table in manifests[t].iter_shards(columns=["id", "control"]):
+            for row_id, blob in zip(table.column("id").to_pylist(), table.column("control").to_pylist()):
+                controls.setdefault(row_id, {})[t] = blob
+            if sum(len(v) == len(types) for v in controls.values()) >= count:
+                break
+        for reject in manifests[t].rejected_table().to_pylist():
+            controls.setdefault(reject["id"], {}).setdefault(t, reject["reason"])
+    complete = [i for i, v in controls.items() if all(isinstance(v.get(t), bytes) for t in types)]
+    partial = [i for i in controls if i not in set(complete)]
+    wanted = (complete + partial)[:count]
+    rows: dict[str, dict] = {}
+    for t in types:
+        for _, table in manifests[t].iter_shards(columns=["id", "image", "caption", "source_caption", "blip_caption"]):
+            for row in table.to_pylist():
+                if row["id"] in wanted and row["id"] not in rows:
+                    rows[row["id"]] = {**row, "controls": controls[row["id"]]}
+            if len(rows) == len(wanted):
+                break
+    return [rows[i] for i in wanted if i in rows], types
+
+
+def markdown(rows: list[dict], run_name: str, sheet_name: str | None) -> str:
+    lines = [f"# Run report: {run_name}", "", f"Written {_dt.datetime.now(_dt.timezone.utc):%Y-%m-%d %H:%M UTC}.", "",
+             "## Rows per stage", "", "| stage | rows in | rows out | rows rejected | output |", "|---|---:|---:|---:|---|"]
+    for r in rows:
+        lines.append(f"| {r['stage']} | {r.get('rows_in', '')} | {r.get('rows_out', '')} | {r.get('rows_rejected', '')} | `{r['uri']}` |")
+    lines += ["", "## Rejections by reason", "", "| stage | reason | rows |", "|---|---|---:|"]
+    for r in rows:
+        for reason, n in sorted((r.get("rejections") or {}).items(), key=lambda kv: -kv[1]):
+            lines.append(f"| {r['stage']} | {reason} | {n} |")
+    notes = [(r["stage"], k, v) for r in rows for k, v in (r.get("notes") or {}).items()]
+    if notes:
+        lines += ["", "## Handled and kept (notes)", "", "| stage | note | rows |", "|---|---|---:|"]
+        lines += [f"| {s} | {k} | {v} |" for s, k, v in notes]
+    if sheet_name:
+        lines += ["", "## Contact sheet", "", f"![contact sheet]({sheet_name})", ""]
+    return "\n".join(lines) + "\n"
+
+
+def run(config, inputs: dict, output_uri: str) -> StageOutput:
+    rows = stage_rows(inputs)
+    conditioning = next((v for v in inputs.values() if isinstance(v, StageOutput) and "types" in v.summary), None)
+    sheet_name = None
+    if conditioning is not None and config.report.sample_rows > 0:
+        samples, types = sample_rows(conditioning, config.report.sample_rows)
+        sheet_name = "contact_sheet.png"
+        storage.write_bytes_atomic(storage.join(output_uri, sheet_name), contact_sheet.to_png(contact_sheet.render(samples, types)))
+    text = markdown(rows, config.name, sheet_name)
+    storage.write_bytes_atomic(storage.join(output_uri, "report.md"), text.encode())
+    summary = {"report": storage.join(output_uri, "report.md"), "contact_sheet": sheet_name and storage.join(output_uri, sheet_name), "stages": rows}
+    storage.write_json_atomic(storage.join(output_uri, "summary.json"), summary)
+    return StageOutput(output_uri, summary)
