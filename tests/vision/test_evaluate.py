@@ -1,0 +1,155 @@
+"""Evaluate stage, before training exists: a ControlNet made from the tiny base UNet stands in for the export.
+
+`ControlNetModel.from_unet(...).save_pretrained(<train output>/controlnet)` is exactly the format
+the train stage exports, so the stage runs its real code path.
+"""
+import json
+import math
+import pathlib
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import model_half_data as data
+from cnpipe import splits
+from cnpipe.dataset import Manifest
+from components.evaluate import fidelity
+from components.evaluate.frechet import frechet_distance
+from components.evaluate.stage import run
+
+REPO = pathlib.Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    return data.assets(tmp_path_factory.getbasetemp())
+
+
+@pytest.fixture(scope="module")
+def conditioning(tmp_path_factory):
+    return Manifest.load(data.conditioning(tmp_path_factory.getbasetemp()))
+
+
+@pytest.fixture(scope="module")
+def trained(assets, tmp_path_factory):
+    from diffusers import ControlNetModel, UNet2DConditionModel
+
+    unet = UNet2DConditionModel.from_pretrained(assets / "models" / "tiny-sd", subfolder="unet", use_safetensors=True)
+    channels = tuple(data.config(assets).train.conditioning_embedding_out_channels)
+    folder = tmp_path_factory.mktemp("train-output")
+    ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=channels).save_pretrained(
+        folder / "controlnet", safe_serialization=True
+    )
+    return folder
+
+
+def test_cli_writes_grid_report_and_metrics(assets, conditioning, trained, tmp_path):
+    cfg = data.config(assets)
+    out = tmp_path / "evaluate"
+    result = subprocess.run(
+        [sys.executable, "-m", "components.evaluate", "--config-json", cfg.to_json(), "--input", f"trained={trained}",
+         "--input", f"conditioning={conditioning.uri}", "--output", str(out)],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    printed = json.loads(result.stdout.strip().splitlines()[-1])
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert printed["stage"] == "evaluate" and printed["metrics"] == metrics["metrics"]
+
+    heldout = [f"row-{i}" for i in range(data.NUM_ROWS) if splits.is_heldout(f"row-{i}", 0.4) and f"row-{i}" != data.CORRUPT_ID]
+    expected_ids = heldout[: cfg.evaluate.num_samples]
+    assert [s["id"] for s in metrics["per_sample"]] == expected_ids and metrics["heldout_fallback"] is False
+    with Image.open(out / "grid.png") as grid:
+        assert grid.size == (3 * 64, len(expected_ids) * 64)
+    for name in ("clip_score", "clip_score_reference", "canny_f1", "canny_precision", "canny_recall"):
+        assert math.isfinite(metrics["metrics"][name]), name
+    for name in ("canny_f1", "canny_precision", "canny_recall"):
+        assert 0.0 <= metrics["metrics"][name] <= 1.0
+    assert "fd_clip" not in metrics["metrics"]
+    assert "fid_min_images=50" in metrics["not_computed"]["fd_clip"]
+
+    report = (out / "report.md").read_text()
+    assert "](grid.png)" in report
+    for name in [*metrics["metrics"], "fd_clip", "fid_min_images=50"]:
+        assert name in report
+    for sample in metrics["per_sample"]:
+        assert sample["id"] in report and sample["prompt"] in report
+    if data.NO_CAPTION_ID in expected_ids:  # an empty prompt has no CLIP score rather than a made-up one
+        assert next(s for s in metrics["per_sample"] if s["id"] == data.NO_CAPTION_ID)["clip_score"] is None
+
+
+def test_first_rows_when_nothing_is_held_out_pose_unavailable_and_fd_when_enough_pairs(assets, conditioning, trained, tmp_path):
+    pose_uri = tmp_path / "conditioning" / "pose"  # same rows, filed as the pose controls
+    shutil.copytree(conditioning.uri, pose_uri)
+    cfg = data.config(assets, holdout_fraction=0.0, conditioning_type="pose")
+    cfg.evaluate.fid_min_images = 2
+    cfg.evaluate.batch_size = 3
+    summary = run(cfg, {"trained": str(trained), "conditioning": Manifest.load(str(pose_uri))}, str(tmp_path / "out"))
+    assert summary["heldout_fallback"] is True and "FIRST rows" in summary["selection"]
+    assert sum(summary["skipped_rows"].values()) == 1  # the corrupt row, counted with its reason
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert [s["id"] for s in metrics["per_sample"]] == ["row-0", "row-1", "row-3", "row-4"]
+    assert summary["not_computed"]["pose_fidelity"].startswith("unavailable in this environment")
+    assert math.isfinite(summary["metrics"]["fd_clip"]) and summary["metrics"]["fd_clip"] >= 0
+    assert "FIRST rows" in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_missing_export_is_a_clear_error_before_generating(assets, conditioning, trained, tmp_path):
+    cfg = data.config(assets)
+    cfg.evaluate.use_ema = False
+    with pytest.raises(FileNotFoundError, match="controlnet_raw.*controlnet"):
+        run(cfg, {"trained": str(trained), "conditioning": conditioning}, str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
+
+
+def test_frechet_distance_closed_forms():
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((400, 5)) @ rng.standard_normal((5, 5)) + 3.0
+    shift = np.array([1.0, -2.0, 0.5, 0.0, 2.0])
+    assert frechet_distance(a, a) == pytest.approx(0.0, abs=1e-8)
+    assert frechet_distance(a, a + shift) == pytest.approx(float(shift @ shift), rel=1e-9)
+    # b = 2a: |mu|² + tr(S) + 4 tr(S) - 2 tr((4 S²)^½) = |mu|² + tr(S)
+    expected = float(a.mean(0) @ a.mean(0) + np.trace(np.cov(a, rowvar=False)))
+    assert frechet_distance(a, 2 * a) == pytest.approx(expected, rel=1e-8)
+    with pytest.raises(ValueError):
+        frechet_distance(a[:1], a)
+
+
+def test_edge_f1_with_tolerance():
+    target = np.zeros((32, 32), bool)
+    target[10, 5:25] = True
+    near, far = np.roll(target, 1, axis=0), np.roll(target, 3, axis=0)
+    assert fidelity.edge_f1(target, target, 1)["f1"] == 1.0
+    assert fidelity.edge_f1(near, target, 1)["f1"] == 1.0
+    assert fidelity.edge_f1(far, target, 1)["f1"] == 0.0
+    assert fidelity.edge_f1(far, target, 3)["f1"] == 1.0
+    empty = np.zeros_like(target)
+    assert fidelity.edge_f1(empty, empty, 1)["f1"] == 1.0
+    assert fidelity.edge_f1(empty, target, 1) == {"precision": 0.0, "recall": 0.0, "f1": 0.0}
+    half = target.copy()
+    half[10, 15:25] = False  # 10 of 20 found; column 15 is within 1 px of 14, so 11 count: nothing spurious
+    assert fidelity.edge_f1(half, target, 1) == pytest.approx({"precision": 1.0, "recall": 0.55, "f1": 1.1 / 1.55})
+    assert fidelity.edge_tolerance(64) == 1 and fidelity.edge_tolerance(512) == 5
+
+
+def test_control_edges_keep_thin_lines_when_downscaled():
+    control = np.zeros((256, 256, 3), np.uint8)
+    control[100, :, :] = 255  # one-pixel line, 4x downscale
+    edges = fidelity.control_edges(Image.fromarray(control), 64)
+    assert edges.shape == (64, 64) and edges[25].all() and edges.sum() == 64
+
+
+def test_pck():
+    reference = np.array([[10.0, 10.0, 0.9], [50.0, 50.0, 0.9], [30.0, 30.0, 0.1]])
+    assert fidelity.pck(reference.copy(), reference) == 1.0
+    moved = reference.copy()
+    moved[1, :2] += 10  # 10 px off; threshold 0.1 × 40 = 4 px
+    assert fidelity.pck(moved, reference) == 0.5
+    assert fidelity.pck(None, reference) == 0.0
+    invisible = reference.copy()
+    invisible[:, 2] = 0.0
+    assert fidelity.pck(reference, invisible) is None
