@@ -1,0 +1,137 @@
+"""The ControlNet pipeline: the kfp DAG and its command line.
+
+    python pipeline.py                      # = run: the embedded default, on this machine, through kfp.local
+    python pipeline.py run --run-id R       # resume run R: finished shards and stages are not redone
+    python pipeline.py run --set train.max_steps=50 --preset embedded
+    python pipeline.py compile -o pipeline.yaml [--preset production]
+
+Stages hand each other dataset URIs only; every stage runs in its image family's environment
+(.venvs/<family> here, the family's image on Kubeflow).
+"""
+
+import argparse
+import os
+import pathlib
+import sys
+
+REPO = pathlib.Path(__file__).resolve().parent
+
+
+def _ensure_driver_environment() -> None:
+    """`python pipeline.py` from any Python: set up the family environments once, then re-run in the core one."""
+    core = REPO / ".venvs" / "core" / "bin" / "python"
+    if pathlib.Path(sys.prefix).resolve() == (REPO / ".venvs" / "core").resolve():
+        return
+    try:
+        import kfp  # noqa: F401  (already in an environment that has kfp: e.g. a family image)
+
+        return
+    except ImportError:
+        pass
+    import subprocess
+
+    subprocess.run(["bash", str(REPO / "scripts" / "setup_envs.sh")], check=True)
+    os.execv(str(core), [str(core), *sys.argv])
+
+
+if __name__ == "__main__":
+    _ensure_driver_environment()
+
+from kfp import dsl  # noqa: E402
+
+import pipeline_configs  # noqa: E402
+from cnpipe.kfp_images import image_ref  # noqa: E402
+from components.blip_caption.component import blip_caption  # noqa: E402
+from components.clip_embed.component import clip_embed  # noqa: E402
+from components.conditioning.component import conditioning  # noqa: E402
+from components.controlnet_train.component import controlnet_train  # noqa: E402
+from components.download.component import download  # noqa: E402
+from components.encode.component import encode  # noqa: E402
+from components.evaluate.component import evaluate  # noqa: E402
+from components.hub_load.component import hub_load  # noqa: E402
+from components.laion_retrieval.component import laion_retrieval  # noqa: E402
+from components.registry import STAGES  # noqa: E402
+from components.report.component import report  # noqa: E402
+
+
+def build(config: pipeline_configs.PipelineConfig):
+    """The pipeline for `config`: its JSON is the default of the `config_json` parameter, and every task
+    runs in the image of its stage's family (config.images)."""
+
+    def on_image(task, stage: str):
+        task.set_container_image(image_ref(config.images, STAGES[stage].family))
+        task.set_display_name(stage.replace("_", " "))
+        return task
+
+    @dsl.pipeline(name=f"controlnet-{config.name}", description="Raw images to a trained ControlNet.")
+    def controlnet_pipeline(config_json: str = config.to_json(), run_id: str = "run"):
+        common = {"config_json": config_json, "run_id": run_id}
+        seeds = on_image(hub_load(**common), "hub_load")
+        embedded = on_image(clip_embed(**common, seeds=seeds.output), "clip_embed")
+        retrieved = on_image(laion_retrieval(**common, seeds=embedded.output), "laion_retrieval")
+        images = on_image(download(**common, retrieved=retrieved.output, seeds=embedded.output), "download")
+        captioned = on_image(blip_caption(**common, images=images.output), "blip_caption")
+        controls = on_image(conditioning(**common, images=captioned.output), "conditioning")
+        encoded = on_image(encode(**common, conditioning=controls.output), "encode")
+        trained = on_image(controlnet_train(**common, encoded=encoded.output), "controlnet_train")
+        evaluated = on_image(evaluate(**common, trained=trained.output, conditioning=controls.output), "evaluate")
+        on_image(
+            report(
+                **common, hub_load=seeds.output, clip_embed=embedded.output, laion_retrieval=retrieved.output,
+                download=images.output, blip_caption=captioned.output, conditioning=controls.output,
+                encode=encoded.output, controlnet_train=trained.output, evaluate=evaluated.outputs["output"],
+            ),
+            "report",
+        )
+
+    return controlnet_pipeline
+
+
+def load_config(args) -> pipeline_configs.PipelineConfig:
+    config = pipeline_configs.preset(args.preset)
+    if args.config:
+        config = pipeline_configs.from_json(pathlib.Path(args.config).read_text())
+    return pipeline_configs.with_overrides(config, args.set or [])
+
+
+def cmd_run(args) -> int:
+    from cnpipe import local_run
+
+    return local_run.run(load_config(args), build, run_id=args.run_id)
+
+
+def cmd_compile(args) -> int:
+    from kfp import compiler
+
+    config = load_config(args)
+    compiler.Compiler().compile(build(config), package_path=args.output)
+    print(f"wrote {args.output} (preset {config.name})")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command")
+
+    def with_config(p, default_preset):
+        p.add_argument("--preset", default=default_preset, choices=sorted(pipeline_configs.PRESETS))
+        p.add_argument("--config", help="a JSON file holding a whole PipelineConfig (instead of a preset)")
+        p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override one config field")
+        return p
+
+    run = with_config(commands.add_parser("run", help="run on this machine through kfp.local (default)"), "embedded")
+    run.add_argument("--run-id", help="resume this run, or name a new one (default: a timestamp)")
+    run.set_defaults(func=cmd_run)
+    comp = with_config(commands.add_parser("compile", help="write the Kubeflow Pipelines YAML"), "production")
+    comp.add_argument("-o", "--output", default="pipeline.yaml")
+    comp.set_defaults(func=cmd_compile)
+    args = parser.parse_args(argv if argv is not None else (sys.argv[1:] or ["run"]))
+    try:
+        return args.func(args)
+    except pipeline_configs.ConfigError as err:
+        print(f"config error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

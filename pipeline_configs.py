@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import pathlib
 import typing
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,6 +22,16 @@ class ConfigError(ValueError):
 @dataclass
 class StorageConfig:
     root: str = "runs"  # a local folder or gs://bucket/prefix; every stage writes under <root>/<run id>/
+
+
+@dataclass
+class ImagesConfig:
+    """Where each family's image lives: <registry>/<namespace>/<prefix><family>:<tag> (see build_images.sh)."""
+
+    registry: str = "ghcr.io"
+    namespace: str = "controlnet-pipeline"
+    prefix: str = "controlnet-"
+    tag: str = "0.1.0"
 
 
 @dataclass
@@ -186,6 +197,7 @@ class EvaluateConfig:
 class PipelineConfig:
     name: str = "production"
     storage: StorageConfig = field(default_factory=StorageConfig)
+    images: ImagesConfig = field(default_factory=ImagesConfig)
     hub_load: HubLoadConfig = field(default_factory=HubLoadConfig)
     clip_embed: ClipEmbedConfig = field(default_factory=ClipEmbedConfig)
     retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)
@@ -276,7 +288,10 @@ def with_overrides(config: PipelineConfig, overrides: list[str]) -> PipelineConf
     return from_dict(data)
 
 
-def embedded(assets: str = ".cache/embedded") -> PipelineConfig:
+EMBEDDED_ASSETS = str(pathlib.Path(__file__).resolve().parent / ".cache" / "embedded")
+
+
+def embedded(assets: str = EMBEDDED_ASSETS) -> PipelineConfig:
     """Runs on one machine with no network: generated seed images, a loopback LAION stand-in, tiny models."""
     return PipelineConfig(
         name="embedded",

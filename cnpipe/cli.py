@@ -53,5 +53,9 @@ def main(stage: str, run: Callable[..., "Manifest | dict"], argv: list[str] | No
         name, _, uri = item.partition("=")
         inputs[name] = load_output(uri)
     result = run(config, inputs, args.output)
+    if isinstance(result, dict):  # not a row dataset: its summary marks the output finished (load_output)
+        from cnpipe import storage
+
+        storage.write_json_atomic(storage.join(args.output, "summary.json"), result)
     print(json.dumps(summary(stage, result)))
     return 0

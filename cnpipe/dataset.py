@@ -121,6 +121,16 @@ def load_output(uri: str) -> "Manifest | StageOutput":
     return StageOutput(uri, storage.read_json(path))
 
 
+def conditioning_dataset(item: "Manifest | StageOutput", control_type: str) -> Manifest:
+    """The dataset of one control type, given the conditioning stage's output (or that dataset itself)."""
+    if isinstance(item, Manifest):
+        return item
+    types = item.summary.get("types", {})
+    if control_type not in types:
+        raise ContractError(f"{item.uri} has no {control_type!r} conditioning dataset; it has: {', '.join(types) or 'none'}")
+    return Manifest.load(types[control_type]["uri"])
+
+
 def schema_to_json(schema: pa.Schema) -> list[dict]:
     return [{"name": f.name, "type": str(f.type), "nullable": f.nullable} for f in schema]
 

@@ -19,7 +19,7 @@ def dataset_uri(artifact) -> str:
     return uri
 
 
-def run_component(stage: str, config_json: str, run_id: str, inputs: dict, output) -> None:
+def run_component(stage: str, config_json: str, run_id: str, inputs: dict, output) -> dict:
     import pipeline_configs
 
     config = pipeline_configs.from_json(config_json)
@@ -29,3 +29,4 @@ def run_component(stage: str, config_json: str, run_id: str, inputs: dict, outpu
     output.metadata.update(summary)
     with open(output.path, "w") as f:
         json.dump(summary, f)
+    return summary

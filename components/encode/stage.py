@@ -18,7 +18,7 @@ import pyarrow as pa
 from PIL import Image
 
 from cnpipe import images, splits, storage
-from cnpipe.dataset import Manifest, Reject, ShardResult
+from cnpipe.dataset import Manifest, Reject, ShardResult, conditioning_dataset
 from cnpipe.stage import run_per_shard
 from cnpipe.tensors import to_bf16_bytes
 from components.encode.captions import choose_caption
@@ -152,7 +152,7 @@ def run(config, inputs: dict[str, Manifest], output_uri: str) -> Manifest:
     check_settings(config)
     if "conditioning" not in inputs:
         raise ValueError(f"encode needs input 'conditioning', got {sorted(inputs)}")
-    conditioning = inputs["conditioning"]
+    conditioning = conditioning_dataset(inputs["conditioning"], config.encode.conditioning_type)
     control_type = control_type_of(conditioning, config)
     enc = config.encode
     device = pick_device(enc.device)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from cnpipe import storage
-from cnpipe.dataset import ContractError, Manifest
+from cnpipe.dataset import ContractError, Manifest, conditioning_dataset
 from components.encode.inputs import check_settings as check_encode_settings
 from components.encode.inputs import control_type_of
 from components.evaluate import fidelity, report
@@ -128,7 +128,7 @@ def run(config, inputs: dict, output_uri: str) -> dict:
     if missing:
         raise ValueError(f"evaluate needs inputs 'trained' and 'conditioning', missing {sorted(missing)}")
     trained_uri = getattr(inputs["trained"], "uri", inputs["trained"])
-    conditioning: Manifest = inputs["conditioning"]
+    conditioning: Manifest = conditioning_dataset(inputs["conditioning"], config.encode.conditioning_type)
     ev, enc = config.evaluate, config.encode
     control_type = control_type_of(conditioning, config)
     controlnet = controlnet_uri(trained_uri, ev.use_ema)

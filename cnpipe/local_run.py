@@ -1,0 +1,176 @@
+"""Run the pipeline on this machine through kfp.local, then print what every stage did.
+
+For the embedded preset this also prepares what production gets from the outside world: seed and
+pool images, tiny models saved with save_pretrained, and the loopback web + kNN service that stand
+in for the internet and LAION's index. A run id names the run; running it again resumes it.
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import io
+import json
+import logging
+import os
+import pathlib
+import subprocess
+import sys
+import time
+import warnings
+
+from cnpipe import storage
+from cnpipe.dataset import ContractError, Manifest, load_output
+from cnpipe.families import REPO_ROOT, family_python
+from components.registry import STAGES
+
+STAGE_ORDER = [s for s in STAGES if s != "report"] + ["report"]
+
+
+def _absolute(path: str) -> str:
+    return path if "://" in path else str((REPO_ROOT / path).resolve()) if not os.path.isabs(path) else path
+
+
+def _run_python(family: str, *args: str) -> None:
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    subprocess.run([family_python(family), *args], check=True, env=env, cwd=REPO_ROOT)
+
+
+def prepare_embedded(config, run_dir: pathlib.Path):
+    """Assets, tiny models and the local web service; returns (config with the service URL, web process)."""
+    import pipeline_configs
+
+    assets = config.embedded_assets
+    print(f"preparing embedded assets in {assets} (generated here, nothing downloaded)", file=sys.stderr)
+    _run_python("core", "-m", "cnpipe.embedded.assets", assets)
+    _run_python("vision", "-m", "cnpipe.embedded.tiny_models", f"{assets}/models")
+    _run_python("vision", "-m", "cnpipe.embedded.tiny_sd", f"{assets}/models")
+    ready = run_dir / "local_web.json"
+    previous = json.loads(ready.read_text()) if ready.exists() else {}
+    ready.unlink(missing_ok=True)
+    web = subprocess.Popen(
+        [family_python("vision"), "-m", "cnpipe.embedded.local_web", "--assets", assets,
+         "--clip-model", config.clip_embed.model, "--indice-name", config.retrieval.indice_name,
+         "--ready-file", str(ready), "--port", str(previous.get("port", 0))],
+        env={**os.environ, "PYTHONPATH": str(REPO_ROOT)}, cwd=REPO_ROOT,
+    )
+    deadline = time.time() + 300
+    while not ready.exists():
+        if web.poll() is not None or time.time() > deadline:
+            web.kill()
+            raise RuntimeError("the embedded web/kNN service did not start (see its log above)")
+        time.sleep(0.2)
+    knn_url = json.loads(ready.read_text())["knn_url"]
+    return pipeline_configs.with_overrides(config, [f"retrieval.service_url={knn_url}"]), web
+
+
+def summary_lines(root: str) -> list[str]:
+    """Rows in / out / rejected per stage (and per conditioning type), read back from storage."""
+    lines = [f"{'stage':<22}{'rows in':>9}{'rows out':>10}{'rejected':>10}  output"]
+    for stage in STAGE_ORDER:
+        uri = storage.join(root, stage)
+        try:
+            result = load_output(uri)
+        except ContractError:
+            lines.append(f"{stage:<22}{'-':>9}{'-':>10}{'-':>10}  (not finished)")
+            continue
+        if isinstance(result, Manifest):
+            lines.append(f"{stage:<22}{result.rows_in:>9}{result.rows_out:>10}{result.rows_rejected:>10}  {uri}")
+            if result.rejections:
+                lines.append(f"{'':<22}rejected: " + ", ".join(f"{k} {v}" for k, v in result.rejections.items()))
+        elif "types" in result.summary:
+            for name, info in result.summary["types"].items():
+                lines.append(f"{stage + '/' + name:<22}{info['rows_in']:>9}{info['rows_out']:>10}{info['rows_rejected']:>10}  {info['uri']}")
+                if info["rejections"]:
+                    lines.append(f"{'':<22}rejected: " + ", ".join(f"{k} {v}" for k, v in info["rejections"].items()))
+        else:
+            shown = {k: v for k, v in result.summary.items() if isinstance(v, (int, float, str)) and k != "uri"}
+            lines.append(f"{stage:<22}{'':>29}  {uri}")
+            if "metrics" in result.summary:
+                shown.update({k: round(v, 4) for k, v in result.summary["metrics"].items() if isinstance(v, float)})
+            if shown:
+                lines.append(f"{'':<22}" + ", ".join(f"{k}={v}" for k, v in list(shown.items())[:8]))
+    return lines
+
+
+class _KeepStageLines(logging.Filter):
+    """kfp.local logs every task's whole executor input and output artifacts; keep its task start/finish lines."""
+
+    KEEP = ("Executing task", "finished with status", "Running pipeline", "Pipeline ")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno > logging.INFO or any(k in str(record.msg) for k in self.KEEP)
+
+
+class _DropExecutorDump(io.TextIOBase):
+    """Drops the executor's own INFO lines (its input JSON, module paths) from the streamed task logs."""
+
+    def __init__(self, target):
+        self.target, self.skipping, self.pending = target, False, ""
+
+    def write(self, text: str) -> int:
+        self.pending += text
+        *lines, self.pending = self.pending.split("\n")
+        for line in lines:
+            if "Got executor_input:" in line:
+                self.skipping = True
+            elif self.skipping:
+                self.skipping = line.rstrip() != "    }"
+            elif "[KFP Executor" not in line and line.strip():
+                self.target.write(line + "\n")
+        return len(text)
+
+    def flush(self) -> None:
+        self.target.flush()
+
+
+@contextlib.contextmanager
+def quiet_kfp_logs():
+    root, stdout = logging.getLogger(), sys.stdout
+    keep = _KeepStageLines()
+    root.addFilter(keep)
+    sys.stdout = _DropExecutorDump(stdout)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*have no effect in the current local runner.*")
+            warnings.filterwarnings("ignore", message=".*custom or non-Python base image.*")
+            yield
+    finally:
+        sys.stdout = stdout
+        root.removeFilter(keep)
+
+
+def run(config, build_pipeline, run_id: str | None = None) -> int:
+    from kfp import local
+
+    run_id = run_id or _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    root = _absolute(config.storage.root)
+    import pipeline_configs
+
+    config = pipeline_configs.with_overrides(config, [f"storage.root={root}"])
+    run_root = storage.join(root, run_id)
+    local_dir = pathlib.Path(run_root if "://" not in run_root else REPO_ROOT / ".cache" / "kfp" / run_id)
+    local_dir.mkdir(parents=True, exist_ok=True)
+    web = None
+    if config.embedded_assets:
+        config, web = prepare_embedded(config, local_dir)
+    print(f"run {run_id}: outputs under {run_root}", file=sys.stderr)
+    started = time.time()
+    try:
+        local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(local_dir / "_kfp"))
+        with quiet_kfp_logs():
+            build_pipeline(config)(config_json=config.to_json(), run_id=run_id)
+        status = 0
+    except Exception as err:  # kfp.local raises after printing the failing task's log
+        print(f"\nrun {run_id} failed: {err}\nrerun with --run-id {run_id} to resume", file=sys.stderr)
+        status = 1
+    finally:
+        if web is not None:
+            web.terminate()
+            web.wait(timeout=30)
+    print(f"\nrun {run_id} {'finished' if status == 0 else 'stopped'} in {time.time() - started:.0f} s\n")
+    print("\n".join(summary_lines(run_root)))
+    report = storage.join(run_root, "report", "report.md")
+    if storage.exists(report):
+        print(f"\nreport: {report}\ncontact sheet: {storage.join(run_root, 'report', 'contact_sheet.png')}")
+    return status
+

@@ -1,0 +1,21 @@
+"""The kfp component around the conditioning stage: control images, one dataset per conditioning type.
+
+Only URIs cross kfp's boundary (see cnpipe.kfp_bridge); the stage itself runs in its family's interpreter.
+"""
+from kfp import dsl
+from kfp.dsl import Dataset, Input, Output
+
+from cnpipe.kfp_images import DEFAULT_IMAGE
+
+
+@dsl.component(base_image=DEFAULT_IMAGE, install_kfp_package=False)
+def conditioning(
+    config_json: str,
+    run_id: str,
+    images: Input[Dataset],
+    output: Output[Dataset],
+):
+    """Control images, one dataset per conditioning type."""
+    from cnpipe.kfp_bridge import run_component
+
+    run_component("conditioning", config_json, run_id, {"images": images}, output)

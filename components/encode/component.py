@@ -1,0 +1,21 @@
+"""The kfp component around the encode stage: vAE latents and text encodings, bfloat16.
+
+Only URIs cross kfp's boundary (see cnpipe.kfp_bridge); the stage itself runs in its family's interpreter.
+"""
+from kfp import dsl
+from kfp.dsl import Dataset, Input, Output
+
+from cnpipe.kfp_images import DEFAULT_IMAGE
+
+
+@dsl.component(base_image=DEFAULT_IMAGE, install_kfp_package=False)
+def encode(
+    config_json: str,
+    run_id: str,
+    conditioning: Input[Dataset],
+    output: Output[Dataset],
+):
+    """VAE latents and text encodings, bfloat16."""
+    from cnpipe.kfp_bridge import run_component
+
+    run_component("encode", config_json, run_id, {"conditioning": conditioning}, output)

@@ -1,0 +1,27 @@
+"""The kfp component around the evaluate stage: samples, a grid and metrics, logged as kfp Metrics."""
+from kfp import dsl
+from kfp.dsl import Dataset, Input, Markdown, Metrics, Output
+
+from cnpipe.kfp_images import DEFAULT_IMAGE
+
+
+@dsl.component(base_image=DEFAULT_IMAGE, install_kfp_package=False)
+def evaluate(
+    config_json: str,
+    run_id: str,
+    trained: Input[Dataset],
+    conditioning: Input[Dataset],
+    output: Output[Dataset],
+    metrics: Output[Metrics],
+    report_md: Output[Markdown],
+):
+    """Sample the trained ControlNet on held-out control images; CLIP score and control fidelity."""
+    from cnpipe import storage
+    from cnpipe.kfp_bridge import run_component
+
+    summary = run_component("evaluate", config_json, run_id, {"trained": trained, "conditioning": conditioning}, output)
+    for name, value in summary.get("metrics", {}).items():
+        if isinstance(value, (int, float)) and value == value:
+            metrics.log_metric(name, float(value))
+    with open(report_md.path, "w") as f:
+        f.write(storage.read_bytes(storage.join(summary["uri"], "report.md")).decode())

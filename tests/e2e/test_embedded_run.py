@@ -1,0 +1,65 @@
+"""The README's run command end to end: all stages through kfp.local on the embedded default."""
+import json
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+from cnpipe.dataset import Manifest, load_output
+
+REPO = pathlib.Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("runs")
+    argv = [sys.executable, "pipeline.py", "run", "--run-id", "e2e", "--set", f"storage.root={root}",
+            "--set", "train.max_steps=6", "--set", "train.checkpoint_every=3", "--set", "evaluate.num_inference_steps=2"]
+    done = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return root / "e2e", done.stdout
+
+
+def test_every_row_is_accounted_for_at_every_stage(finished_run):
+    run_root, _ = finished_run
+    manifests = [Manifest.load(str(run_root / s)) for s in ("hub_load", "clip_embed", "laion_retrieval", "download", "blip_caption", "encode")]
+    conditioning = load_output(str(run_root / "conditioning")).summary["types"]
+    manifests += [Manifest.load(info["uri"]) for info in conditioning.values()]
+    for m in manifests:
+        assert m.rows_in == m.rows_out + m.rows_rejected, m.stage
+        assert sum(m.rejections.values()) == m.rows_rejected
+        assert len(m.rejected_table()) == m.rows_rejected
+        ids = [i for _, t in m.iter_shards(columns=["id"]) for i in t.column("id").to_pylist()]
+        assert len(ids) == len(set(ids)) == m.rows_out, m.stage
+    by_stage = {m.stage: m for m in manifests}
+    # Each stage consumes what the one before produced.
+    assert by_stage["clip_embed"].rows_in == by_stage["hub_load"].rows_out
+    assert by_stage["download"].rows_in == by_stage["laion_retrieval"].rows_out + by_stage["clip_embed"].rows_out
+    assert by_stage["blip_caption"].rows_in == by_stage["download"].rows_out
+    assert by_stage["conditioning/pose"].rows_in == by_stage["blip_caption"].rows_out
+    # The embedded data is built to exercise every rejection path.
+    assert {"corrupt_image", "truncated_image", "not_an_image", "too_small"} <= set(by_stage["hub_load"].rejections)
+    assert {"http_404", "not_an_image", "too_small"} <= set(by_stage["download"].rejections)
+    assert by_stage["laion_retrieval"].rejections.get("duplicate_url", 0) > 0
+    assert 0 < by_stage["conditioning/pose"].rows_rejected == by_stage["conditioning/pose"].rejections["no_pose"]
+    assert by_stage["conditioning/pose"].rows_out > 0
+
+
+def test_model_half_trains_exports_and_evaluates(finished_run):
+    run_root, _ = finished_run
+    train = json.loads((run_root / "controlnet_train" / "summary.json").read_text())
+    assert train["steps"] == 6
+    assert (run_root / "controlnet_train" / "controlnet" / "config.json").exists()
+    metrics = json.loads((run_root / "evaluate" / "metrics.json").read_text())
+    assert metrics["samples"] > 0 and "clip_score" in metrics["metrics"]
+    assert (run_root / "evaluate" / "grid.png").stat().st_size > 0
+
+
+def test_report_and_printed_summary(finished_run):
+    run_root, stdout = finished_run
+    report = (run_root / "report" / "report.md").read_text()
+    assert "| conditioning/pose |" in report and "no_pose" in report
+    assert (run_root / "report" / "contact_sheet.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for stage in ("hub_load", "download", "conditioning/canny", "encode", "controlnet_train", "evaluate", "report"):
+        assert stage in stdout
