@@ -4,6 +4,7 @@
     python pipeline.py run --run-id R       # resume run R: finished shards and stages are not redone
     python pipeline.py run --set train.max_steps=50 --preset embedded
     python pipeline.py compile -o pipeline.yaml [--preset production]
+    python pipeline.py submit --host https://kfp.example.com [--experiment E] [--namespace NS] [--run-name N]
 
 Stages hand each other dataset URIs only; every stage runs in its image family's environment
 (.venvs/<family> here, the family's image on Kubeflow).
@@ -109,6 +110,26 @@ def cmd_compile(args) -> int:
     return 0
 
 
+def cmd_submit(args) -> int:
+    import datetime
+
+    from cnpipe import submit
+
+    config = load_config(args)
+    try:
+        host = submit.resolve_host(args.host, config.kubeflow_host)
+        run_id = args.run_id or datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+        remote_id = submit.submit(
+            build(config), config, host, args.experiment, args.namespace, args.run_name or f"{config.name}-{run_id}",
+            run_id, None if args.caching == "default" else args.caching == "on",
+        )
+    except submit.SubmitError as err:
+        print(f"submit: {err}", file=sys.stderr)
+        return 1
+    print(f"submitted run {remote_id} (run id {run_id}, preset {config.name}) to {host}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command")
@@ -125,6 +146,14 @@ def main(argv: list[str] | None = None) -> int:
     comp = with_config(commands.add_parser("compile", help="write the Kubeflow Pipelines YAML"), "production")
     comp.add_argument("-o", "--output", default="pipeline.yaml")
     comp.set_defaults(func=cmd_compile)
+    sub = with_config(commands.add_parser("submit", help="compile and submit to a Kubeflow Pipelines host"), "production")
+    sub.add_argument("--host", help="KFP API endpoint (default: $KF_PIPELINES_ENDPOINT, then the config's kubeflow_host)")
+    sub.add_argument("--experiment", default="controlnet")
+    sub.add_argument("--namespace", help="Kubeflow profile namespace (multi-user deployments)")
+    sub.add_argument("--run-name")
+    sub.add_argument("--run-id", help="names the run's folder under storage.root (default: a timestamp)")
+    sub.add_argument("--caching", choices=["default", "on", "off"], default="default", help="task caching for this run")
+    sub.set_defaults(func=cmd_submit)
     args = parser.parse_args(argv if argv is not None else (sys.argv[1:] or ["run"]))
     try:
         return args.func(args)

@@ -32,6 +32,7 @@ class ImagesConfig:
     namespace: str = "controlnet-pipeline"
     prefix: str = "controlnet-"
     tag: str = "0.1.0"
+    train_variant: str = "cuda12"  # cuda12 | tpu | cpu: which build of the train image (build_images.sh makes cuda12 and tpu)
 
 
 @dataclass

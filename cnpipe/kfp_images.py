@@ -6,6 +6,10 @@ DEFAULT_IMAGE = "python:3.11-slim"
 
 
 def image_ref(images_config, family: str) -> str:
-    """registry/namespace/controlnet-<family>:tag, e.g. ghcr.io/acme/controlnet-vision:0.1.0."""
+    """registry/namespace/controlnet-<family>:tag, e.g. ghcr.io/acme/controlnet-vision:0.1.0
+    (the train family names its accelerator variant: controlnet-train-tpu)."""
     parts = [p.strip("/") for p in (images_config.registry, images_config.namespace) if p]
-    return "/".join([*parts, f"{images_config.prefix}{family}"]) + f":{images_config.tag}"
+    name = f"{images_config.prefix}{family}"
+    if family == "train":
+        name += f"-{images_config.train_variant}"
+    return "/".join([*parts, name]) + f":{images_config.tag}"

@@ -27,7 +27,8 @@ def test_every_stage_is_a_task_on_its_family_image(tmp_path):
     for name, task in tasks.items():
         image = executors[task["componentRef"]["name"].replace("comp-", "exec-")]["container"]["image"]
         family = STAGES[name.replace("-", "_")].family
-        assert image == f"registry.example.com/controlnet-pipeline/controlnet-{family}:v9"
+        suffix = "-cuda12" if family == "train" else ""
+        assert image == f"registry.example.com/controlnet-pipeline/controlnet-{family}{suffix}:v9"
 
 
 def test_dag_edges_follow_the_data(tmp_path):
