@@ -41,7 +41,7 @@ if __name__ == "__main__":
 from kfp import dsl  # noqa: E402
 
 import pipeline_configs  # noqa: E402
-from cnpipe.kfp_images import image_ref  # noqa: E402
+from cnpipe.kfp_tasks import configure  # noqa: E402
 from components.blip_caption.component import blip_caption  # noqa: E402
 from components.clip_embed.component import clip_embed  # noqa: E402
 from components.conditioning.component import conditioning  # noqa: E402
@@ -51,20 +51,18 @@ from components.encode.component import encode  # noqa: E402
 from components.evaluate.component import evaluate  # noqa: E402
 from components.hub_load.component import hub_load  # noqa: E402
 from components.laion_retrieval.component import laion_retrieval  # noqa: E402
-from components.registry import STAGES  # noqa: E402
 from components.report.component import report  # noqa: E402
 
 
 def build(config: pipeline_configs.PipelineConfig):
     """The pipeline for `config`: its JSON is the default of the `config_json` parameter, and every task
-    runs in the image of its stage's family (config.images)."""
+    runs in the image of its stage's family with the resources the config gives it (cnpipe.kfp_tasks)."""
 
     def on_image(task, stage: str):
-        task.set_container_image(image_ref(config.images, STAGES[stage].family))
-        task.set_display_name(stage.replace("_", " "))
-        return task
+        return configure(task, stage, config)
 
-    @dsl.pipeline(name=f"controlnet-{config.name}", description="Raw images to a trained ControlNet.")
+    @dsl.pipeline(name=f"controlnet-{config.name}", description="Raw images to a trained ControlNet.",
+                  pipeline_root=config.kubeflow.pipeline_root or None)
     def controlnet_pipeline(config_json: str = config.to_json(), run_id: str = "run"):
         common = {"config_json": config_json, "run_id": run_id}
         seeds = on_image(hub_load(**common), "hub_load")

@@ -195,6 +195,70 @@ class EvaluateConfig:
 
 
 @dataclass
+class TaskResources:
+    """What one stage's pod asks Kubernetes for (ignored by kfp.local)."""
+
+    cpu: str = "2"
+    memory: str = "8Gi"
+    cpu_limit: str = ""  # empty: same as the request
+    memory_limit: str = ""
+    accelerator: str = ""  # "" | nvidia.com/gpu | google.com/tpu
+    accelerator_count: int = 0
+    gpu_type: str = ""  # node selector cloud.google.com/gke-accelerator, e.g. nvidia-l4
+    tpu_type: str = ""  # node selector cloud.google.com/gke-tpu-accelerator, e.g. tpu-v5-lite-podslice
+    tpu_topology: str = ""  # node selector cloud.google.com/gke-tpu-topology, e.g. 2x4
+    retries: int = 0
+    retry_backoff: str = "30s"
+
+
+@dataclass
+class Toleration:
+    key: str = ""
+    operator: str = "Exists"  # Exists | Equal
+    value: str = ""
+    effect: str = "NoSchedule"
+
+
+@dataclass
+class SecretEnv:
+    """A Kubernetes secret key exposed as an environment variable: the value never enters the YAML."""
+
+    secret_name: str = ""
+    key: str = ""
+    env: str = ""
+
+
+@dataclass
+class StageResources:
+    hub_load: TaskResources = field(default_factory=lambda: TaskResources(cpu="2", memory="8Gi"))
+    clip_embed: TaskResources = field(default_factory=lambda: TaskResources(cpu="4", memory="16Gi", accelerator="nvidia.com/gpu", accelerator_count=1))
+    laion_retrieval: TaskResources = field(default_factory=lambda: TaskResources(cpu="1", memory="4Gi", retries=3))
+    download: TaskResources = field(default_factory=lambda: TaskResources(cpu="8", memory="16Gi", retries=3))
+    blip_caption: TaskResources = field(default_factory=lambda: TaskResources(cpu="4", memory="24Gi", accelerator="nvidia.com/gpu", accelerator_count=1))
+    conditioning: TaskResources = field(default_factory=lambda: TaskResources(cpu="8", memory="16Gi"))
+    encode: TaskResources = field(default_factory=lambda: TaskResources(cpu="4", memory="24Gi", accelerator="nvidia.com/gpu", accelerator_count=1))
+    controlnet_train: TaskResources = field(default_factory=lambda: TaskResources(
+        cpu="24", memory="96Gi", accelerator="google.com/tpu", accelerator_count=8,
+        tpu_type="tpu-v5-lite-podslice", tpu_topology="2x4"))
+    evaluate: TaskResources = field(default_factory=lambda: TaskResources(cpu="4", memory="24Gi", accelerator="nvidia.com/gpu", accelerator_count=1))
+    report: TaskResources = field(default_factory=lambda: TaskResources(cpu="1", memory="2Gi"))
+
+
+@dataclass
+class KubeflowConfig:
+    pipeline_root: str = ""  # where kfp keeps its artifacts, e.g. gs://bucket/kfp-root; empty: the cluster default
+    resources: StageResources = field(default_factory=StageResources)
+    tolerations: list[Toleration] = field(default_factory=lambda: [
+        Toleration(key="nvidia.com/gpu"), Toleration(key="google.com/tpu")])
+    secrets: list[SecretEnv] = field(default_factory=lambda: [
+        SecretEnv(secret_name="controlnet-pipeline", key="hf-token", env="HF_TOKEN"),
+        SecretEnv(secret_name="controlnet-pipeline", key="wandb-api-key", env="WANDB_API_KEY")])
+    service_account: str = ""
+    image_pull_secret: str = ""
+    image_pull_policy: str = "IfNotPresent"
+
+
+@dataclass
 class PipelineConfig:
     name: str = "production"
     storage: StorageConfig = field(default_factory=StorageConfig)
@@ -210,6 +274,7 @@ class PipelineConfig:
     encode: EncodeConfig = field(default_factory=EncodeConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    kubeflow: KubeflowConfig = field(default_factory=KubeflowConfig)
     kubeflow_host: str = ""
     embedded_assets: str = ""  # folder of generated seeds, pool and tiny models (embedded preset only)
 
@@ -334,9 +399,25 @@ def embedded(assets: str = EMBEDDED_ASSETS) -> PipelineConfig:
     )
 
 
+def production(bucket: str = "gs://controlnet-pipeline-data") -> PipelineConfig:
+    """A Kubeflow run on GCS with real models: seed images from the Hub, more from a clip-retrieval
+    service you host (the public LAION one has been down since 2024), SD 1.5 as the base."""
+    return PipelineConfig(
+        name="production",
+        storage=StorageConfig(root=f"{bucket}/runs"),
+        hub_load=HubLoadConfig(kind="hf", source="lambdalabs/naruto-blip-captions", caption_column="text", rows_per_shard=2048),
+        retrieval=RetrievalConfig(
+            service_url="http://clip-retrieval.clip-retrieval.svc.cluster.local:1234/knn-service",
+            prompts=["a full body photo of a person standing", "a person dancing, full body", "a person doing yoga"],
+            num_images=200,
+        ),
+        kubeflow=KubeflowConfig(pipeline_root=f"{bucket}/kfp-root"),
+    )
+
+
 PRESETS: dict[str, typing.Callable[[], PipelineConfig]] = {
     "embedded": embedded,
-    "production": PipelineConfig,
+    "production": production,
 }
 
 

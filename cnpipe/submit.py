@@ -86,6 +86,7 @@ def submit(pipeline_func, config, host: str, experiment: str, namespace: str | N
         try:
             result = kfp_client.create_run_from_pipeline_package(
                 package, arguments={"config_json": config.to_json(), "run_id": run_id}, run_name=run_name,
+                service_account=config.kubeflow.service_account or None,
                 experiment_name=experiment, namespace=namespace, enable_caching=enable_caching,
             )
         except Exception as err:  # noqa: BLE001
