@@ -61,17 +61,26 @@ def build(config: pipeline_configs.PipelineConfig):
     def on_image(task, stage: str):
         return configure(task, stage, config)
 
+    def per_image(component, stage: str, common: dict, **inputs):
+        """A per-image stage: shard groups in parallel tasks, then one task that writes the manifest."""
+        groups = config.shard_groups
+        if groups <= 1:
+            return on_image(component(**common, **inputs), stage)
+        with dsl.ParallelFor(items=list(range(groups)), parallelism=groups) as group:
+            part = on_image(component(**common, **inputs, part=group, parts=groups), stage)
+        return on_image(component(**common, **inputs), stage).after(part)
+
     @dsl.pipeline(name=f"controlnet-{config.name}", description="Raw images to a trained ControlNet.",
                   pipeline_root=config.kubeflow.pipeline_root or None)
     def controlnet_pipeline(config_json: str = config.to_json(), run_id: str = "run"):
         common = {"config_json": config_json, "run_id": run_id}
         seeds = on_image(hub_load(**common), "hub_load")
-        embedded = on_image(clip_embed(**common, seeds=seeds.output), "clip_embed")
+        embedded = per_image(clip_embed, "clip_embed", common, seeds=seeds.output)
         retrieved = on_image(laion_retrieval(**common, seeds=embedded.output), "laion_retrieval")
-        images = on_image(download(**common, retrieved=retrieved.output, seeds=embedded.output), "download")
-        captioned = on_image(blip_caption(**common, images=images.output), "blip_caption")
-        controls = on_image(conditioning(**common, images=captioned.output), "conditioning")
-        encoded = on_image(encode(**common, conditioning=controls.output), "encode")
+        images = per_image(download, "download", common, retrieved=retrieved.output, seeds=embedded.output)
+        captioned = per_image(blip_caption, "blip_caption", common, images=images.output)
+        controls = per_image(conditioning, "conditioning", common, images=captioned.output)
+        encoded = per_image(encode, "encode", common, conditioning=controls.output)
         trained = on_image(controlnet_train(**common, encoded=encoded.output), "controlnet_train")
         evaluated = on_image(evaluate(**common, trained=trained.output, conditioning=controls.output), "evaluate")
         on_image(

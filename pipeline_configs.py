@@ -93,6 +93,7 @@ class DownloadConfig:
     encode_quality: int = 95
     allow_file_urls: bool = False
     allowed_networks: list[str] = field(default_factory=list)  # CIDRs exempt from the private-address guard
+    distributor: str = "multiprocessing"  # img2dataset's: multiprocessing (one pod) | pyspark | ray (a cluster you run)
     user_agent_token: str = "controlnet-pipeline"
     disallowed_header_directives: list[str] = field(default_factory=lambda: ["noai", "noimageai", "noindex", "noimageindex"])
 
@@ -275,6 +276,7 @@ class PipelineConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     kubeflow: KubeflowConfig = field(default_factory=KubeflowConfig)
+    shard_groups: int = 8  # per-image stages fan out into this many parallel tasks (pods), each every n-th shard
     kubeflow_host: str = ""
     embedded_assets: str = ""  # folder of generated seeds, pool and tiny models (embedded preset only)
 
@@ -395,6 +397,7 @@ def embedded(assets: str = EMBEDDED_ASSETS) -> PipelineConfig:
         evaluate=EvaluateConfig(
             num_samples=4, num_inference_steps=4, guidance_scale=3.0, clip_model=f"{assets}/models/tiny-clip", device="cpu",
         ),
+        shard_groups=2,
         embedded_assets=assets,
     )
 

@@ -19,6 +19,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     source.add_argument("--config-file", help="a file holding that JSON")
     parser.add_argument("--input", action="append", default=[], metavar="NAME=URI")
     parser.add_argument("--output", required=True, metavar="URI")
+    parser.add_argument("--part", metavar="I/N", help="process shard group I of N only (a fanned-out task); no manifest")
     return parser.parse_args(argv)
 
 
@@ -48,6 +49,11 @@ def main(stage: str, run: Callable[..., "Manifest | dict"], argv: list[str] | No
     except pipeline_configs.ConfigError as err:
         print(f"{stage}: bad config: {err}", file=sys.stderr)
         return 2
+    if args.part:
+        from cnpipe import stage as stage_loop
+
+        index, _, count = args.part.partition("/")
+        stage_loop.set_part(int(index), int(count))
     inputs = {}
     for item in args.input:
         name, _, uri = item.partition("=")

@@ -28,20 +28,24 @@ def family_python(family: str) -> str:
     return str(venv) if venv.exists() else sys.executable
 
 
-def stage_command(stage: str, config_json: str, inputs: dict[str, str], output_uri: str) -> list[str]:
+def stage_command(stage: str, config_json: str, inputs: dict[str, str], output_uri: str, part: str = "") -> list[str]:
     spec = STAGES[stage]
     argv = [family_python(spec.family), "-m", spec.module, "--config-json", config_json, "--output", output_uri]
+    if part:
+        argv += ["--part", part]
     for name, uri in inputs.items():
         argv += ["--input", f"{name}={uri}"]
     return argv
 
 
-def run_stage(stage: str, config_json: str, inputs: dict[str, str], output_uri: str) -> "Manifest | StageOutput":
-    """Run one stage to completion in its family's interpreter and return its manifest."""
-    argv = stage_command(stage, config_json, inputs, output_uri)
+def run_stage(stage: str, config_json: str, inputs: dict[str, str], output_uri: str, part: str = "") -> "Manifest | StageOutput":
+    """Run one stage (or one shard group of it: part "i/n") in its family's interpreter; return what it left."""
+    argv = stage_command(stage, config_json, inputs, output_uri, part)
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
     completed = subprocess.run(argv, env=env)
     if completed.returncode != 0:
         raise StageFailed(f"stage {stage} exited with status {completed.returncode} ({argv[0]})")
+    if part:
+        return StageOutput(output_uri, {"part": part})
     return load_output(output_uri)

@@ -19,12 +19,15 @@ def dataset_uri(artifact) -> str:
     return uri
 
 
-def run_component(stage: str, config_json: str, run_id: str, inputs: dict, output) -> dict:
+def run_component(stage: str, config_json: str, run_id: str, inputs: dict, output, part: int = -1, parts: int = 1) -> dict:
+    """part >= 0: this task is shard group `part` of `parts` (inside a ParallelFor); the task after the
+    loop runs with part = -1 and, finding every shard committed, only writes the manifest."""
     import pipeline_configs
 
     config = pipeline_configs.from_json(config_json)
     output_uri = storage.join(config.storage.root, run_id, stage)
-    result = run_stage(stage, config_json, {k: dataset_uri(a) for k, a in inputs.items()}, output_uri)
+    group = f"{part}/{parts}" if part >= 0 and parts > 1 else ""
+    result = run_stage(stage, config_json, {k: dataset_uri(a) for k, a in inputs.items()}, output_uri, group)
     summary = {"dataset_uri": result.uri, **cli.summary(stage, result)}
     output.metadata.update(summary)
     with open(output.path, "w") as f:

@@ -105,16 +105,22 @@ class _DropExecutorDump(io.TextIOBase):
     """Drops the executor's own INFO lines (its input JSON, module paths) from the streamed task logs."""
 
     def __init__(self, target):
-        self.target, self.skipping, self.pending = target, False, ""
+        self.target, self.skipping, self.pending, self.brace = target, False, "", None
 
     def write(self, text: str) -> int:
         self.pending += text
         *lines, self.pending = self.pending.split("\n")
         for line in lines:
             if "Got executor_input:" in line:
-                self.skipping = True
+                self.skipping, self.brace = True, None
             elif self.skipping:
-                self.skipping = line.rstrip() != "    }"
+                # the JSON block ends at the "}" indented like its opening "{" (tasks in a ParallelFor
+                # are indented once more, so the indentation is read, not assumed)
+                indent = line[: len(line) - len(line.lstrip())]
+                if self.brace is None and line.strip() == "{":
+                    self.brace = indent
+                elif line.strip() == "}" and indent == self.brace:
+                    self.skipping = False
             elif "[KFP Executor" not in line and line.strip():
                 self.target.write(line + "\n")
         return len(text)

@@ -10,8 +10,34 @@ from typing import Callable, Sequence
 import pyarrow as pa
 
 from cnpipe import storage
-from cnpipe.dataset import Manifest, ShardedOutput, ShardResult
+from cnpipe.dataset import Manifest, ShardedOutput, ShardResult, StageOutput
 from cnpipe.progress import bar
+
+# (index, count) when this process is one of `count` shard groups of a fanned-out stage (kfp ParallelFor):
+# it processes every count-th shard and leaves the manifest to the final, unpartitioned pass.
+_part: tuple[int, int] | None = None
+
+
+def set_part(index: int, count: int) -> None:
+    global _part
+    if count < 1 or not 0 <= index < count:
+        raise ValueError(f"shard group {index} of {count} does not exist")
+    _part = (index, count) if count > 1 else None
+
+
+def my_part(plan: list) -> list:
+    """The shards of the plan this process owns: all of them unless it is one shard group of several."""
+    if _part is None:
+        return plan
+    index, count = _part
+    return [p for i, p in enumerate(plan) if i % count == index]
+
+
+def partial_output(uri: str, plan: list, mine: list) -> StageOutput | None:
+    """What a shard-group pass returns (no manifest: the final pass writes it), or None when not partitioned."""
+    if _part is None:
+        return None
+    return StageOutput(uri, {"part": _part[0], "parts": _part[1], "shards": len(mine), "shards_total": len(plan)})
 
 
 def shard_plan(inputs: Sequence[Manifest]) -> list[tuple[str, Manifest, str, int]]:
@@ -35,10 +61,11 @@ def run_per_shard(
     schema: pa.Schema,
     process: Callable[[pa.Table, Manifest], ShardResult],
     columns: list[str] | None = None,
-) -> Manifest:
+) -> "Manifest | StageOutput":
     output = ShardedOutput(output_uri, stage, config_hash, schema)
     plan = shard_plan(inputs)
-    todo = [p for p in plan if not output.is_done(p[0])]
+    mine = my_part(plan)
+    todo = [p for p in mine if not output.is_done(p[0])]
     progress = bar(stage, total=sum(rows for *_, rows in todo))
     progress.set_postfix_str(f"{len(plan) - len(todo)}/{len(plan)} shards already done", refresh=False)
     for out_name, manifest, in_name, rows in todo:
@@ -47,4 +74,4 @@ def run_per_shard(
         output.commit(out_name, result, rows_in=table.num_rows)
         progress.update(rows)
     progress.close()
-    return output.finalize([p[0] for p in plan], inputs=[m.uri for m in inputs])
+    return partial_output(output_uri, plan, mine) or output.finalize([p[0] for p in plan], inputs=[m.uri for m in inputs])

@@ -1,6 +1,7 @@
 """The kfp component around the blip_caption stage: a BLIP caption for every image.
 
 Only URIs cross kfp's boundary (see cnpipe.kfp_bridge); the stage itself runs in its family's interpreter.
+A per-image stage: `part`/`parts` make the task one shard group of a fan-out (pipeline.py).
 """
 from kfp import dsl
 from kfp.dsl import Dataset, Input, Output
@@ -14,8 +15,10 @@ def blip_caption(
     run_id: str,
     images: Input[Dataset],
     output: Output[Dataset],
+    part: int = -1,
+    parts: int = 1,
 ):
     """A BLIP caption for every image."""
     from cnpipe.kfp_bridge import run_component
 
-    run_component("blip_caption", config_json, run_id, {"images": images}, output)
+    run_component("blip_caption", config_json, run_id, {"images": images}, output, part, parts)

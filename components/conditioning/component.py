@@ -1,6 +1,7 @@
 """The kfp component around the conditioning stage: control images, one dataset per conditioning type.
 
 Only URIs cross kfp's boundary (see cnpipe.kfp_bridge); the stage itself runs in its family's interpreter.
+A per-image stage: `part`/`parts` make the task one shard group of a fan-out (pipeline.py).
 """
 from kfp import dsl
 from kfp.dsl import Dataset, Input, Output
@@ -14,8 +15,10 @@ def conditioning(
     run_id: str,
     images: Input[Dataset],
     output: Output[Dataset],
+    part: int = -1,
+    parts: int = 1,
 ):
     """Control images, one dataset per conditioning type."""
     from cnpipe.kfp_bridge import run_component
 
-    run_component("conditioning", config_json, run_id, {"images": images}, output)
+    run_component("conditioning", config_json, run_id, {"images": images}, output, part, parts)

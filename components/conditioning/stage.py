@@ -17,7 +17,7 @@ import pyarrow as pa
 from cnpipe import images, storage
 from cnpipe.dataset import Manifest, Reject, ShardedOutput, ShardResult
 from cnpipe.progress import bar
-from cnpipe.stage import shard_plan
+from cnpipe.stage import my_part, partial_output, shard_plan
 from components.conditioning.contract import NoControl
 from components.registry import conditioner_class
 
@@ -81,26 +81,26 @@ def condition_shard(table: pa.Table, results: list, types: list[str], preference
     return out
 
 
-def run(config, inputs: dict[str, Manifest], output_uri: str) -> dict:
+def run(config, inputs: dict[str, Manifest], output_uri: str):
     cfg = config.conditioning
     if not cfg.types:
         raise ValueError("conditioning.types is empty: name at least one of the registered types")
     if cfg.caption_source not in ("prefer_source", "blip", "source"):
         raise ValueError(f"conditioning.caption_source must be prefer_source, blip or source, got {cfg.caption_source!r}")
     (source,) = inputs.values()
-    for name in cfg.types:
-        conditioner_class(name)  # unknown type: error before any work
+    # Build the conditioners here first: an unknown type or unusable settings (a pose model the wheel does not
+    # ship) fail before any work. Raised in a Pool initializer, the same error would respawn workers forever.
+    _init_worker(cfg)
     schema = source.arrow_schema().append(pa.field("caption", pa.string())).append(pa.field("control", pa.binary()))
     config_hash = config.section_hash("conditioning")
     outputs = {name: ShardedOutput(storage.join(output_uri, name), f"{STAGE}/{name}", config_hash, schema) for name in cfg.types}
     plan = shard_plan([source])
-    todo = [p for p in plan if not all(out.is_done(p[0]) for out in outputs.values())]
+    mine = my_part(plan)
+    todo = [p for p in mine if not all(out.is_done(p[0]) for out in outputs.values())]
     workers = cfg.workers or os.cpu_count() or 1
     progress = bar(STAGE, total=sum(rows for *_, rows in todo))
     progress.set_postfix_str(f"{len(plan) - len(todo)}/{len(plan)} shards already done", refresh=False)
     pool = multiprocessing.get_context("spawn").Pool(workers, _init_worker, (cfg,)) if workers > 1 and todo else None
-    if pool is None:
-        _init_worker(cfg)
     try:
         for shard, manifest, in_name, rows in todo:
             table = storage.read_parquet(storage.join(manifest.uri, "data", f"{in_name}.parquet"))
@@ -115,6 +115,9 @@ def run(config, inputs: dict[str, Manifest], output_uri: str) -> dict:
             pool.close()
             pool.join()
     progress.close()
+    partial = partial_output(output_uri, plan, mine)
+    if partial is not None:
+        return partial
     manifests = {name: out.finalize([p[0] for p in plan], inputs=[source.uri]) for name, out in outputs.items()}
     summary = {
         "uri": output_uri,

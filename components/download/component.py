@@ -1,6 +1,7 @@
 """The kfp component around the download stage: the retrieved URLs as images, with img2dataset; seed images pass through.
 
 Only URIs cross kfp's boundary (see cnpipe.kfp_bridge); the stage itself runs in its family's interpreter.
+A per-image stage: `part`/`parts` make the task one shard group of a fan-out (pipeline.py).
 """
 from kfp import dsl
 from kfp.dsl import Dataset, Input, Output
@@ -15,8 +16,10 @@ def download(
     retrieved: Input[Dataset],
     seeds: Input[Dataset],
     output: Output[Dataset],
+    part: int = -1,
+    parts: int = 1,
 ):
     """The retrieved URLs as images, with img2dataset; seed images pass through."""
     from cnpipe.kfp_bridge import run_component
 
-    run_component("download", config_json, run_id, {"retrieved": retrieved, "seeds": seeds}, output)
+    run_component("download", config_json, run_id, {"retrieved": retrieved, "seeds": seeds}, output, part, parts)

@@ -1,6 +1,7 @@
 """The kfp component around the encode stage: vAE latents and text encodings, bfloat16.
 
 Only URIs cross kfp's boundary (see cnpipe.kfp_bridge); the stage itself runs in its family's interpreter.
+A per-image stage: `part`/`parts` make the task one shard group of a fan-out (pipeline.py).
 """
 from kfp import dsl
 from kfp.dsl import Dataset, Input, Output
@@ -14,8 +15,10 @@ def encode(
     run_id: str,
     conditioning: Input[Dataset],
     output: Output[Dataset],
+    part: int = -1,
+    parts: int = 1,
 ):
     """VAE latents and text encodings, bfloat16."""
     from cnpipe.kfp_bridge import run_component
 
-    run_component("encode", config_json, run_id, {"conditioning": conditioning}, output)
+    run_component("encode", config_json, run_id, {"conditioning": conditioning}, output, part, parts)

@@ -19,6 +19,19 @@ def compile_yaml(tmp_path, *args: str):
     return next(yaml.safe_load_all(out.read_text())), out.read_text()
 
 
+def all_tasks(spec: dict):
+    """(task name, task, executor name, stage) over the root DAG and the DAGs of ParallelFor loops."""
+    dags = [spec["root"]["dag"]] + [c["dag"] for c in spec["components"].values() if "dag" in c]
+    for dag in dags:
+        for name, task in dag["tasks"].items():
+            component = task["componentRef"]["name"]
+            if component.startswith("comp-for-loop"):
+                continue
+            executor = spec["components"][component]["executorLabel"]
+            stage = executor.removeprefix("exec-").rsplit("-2", 1)[0].replace("-", "_")
+            yield name, task, executor, stage
+
+
 def kubernetes_spec(text: str) -> dict:
     """The platform document kfp-kubernetes appends: executor name -> its Kubernetes settings."""
     docs = list(yaml.safe_load_all(text))
@@ -29,22 +42,42 @@ def kubernetes_spec(text: str) -> dict:
 def test_every_stage_is_a_task_on_its_family_image(tmp_path):
     spec, _ = compile_yaml(tmp_path, "--set", "images.registry=registry.example.com", "--set", "images.tag=v9")
     executors = spec["deploymentSpec"]["executors"]
-    tasks = spec["root"]["dag"]["tasks"]
-    assert set(tasks) == {s.replace("_", "-") for s in STAGES}
-    for name, task in tasks.items():
-        image = executors[task["componentRef"]["name"].replace("comp-", "exec-")]["container"]["image"]
-        family = STAGES[name.replace("-", "_")].family
+    tasks = list(all_tasks(spec))
+    assert {stage for *_, stage in tasks} == set(STAGES)
+    for name, task, executor, stage in tasks:
+        image = executors[executor]["container"]["image"]
+        family = STAGES[stage].family
         suffix = "-cuda12" if family == "train" else ""
         assert image == f"registry.example.com/controlnet-pipeline/controlnet-{family}{suffix}:v9"
 
 
 def test_dag_edges_follow_the_data(tmp_path):
-    spec, _ = compile_yaml(tmp_path)
+    spec, _ = compile_yaml(tmp_path, "--set", "shard_groups=1")
     tasks = spec["root"]["dag"]["tasks"]
     assert set(tasks["download"]["dependentTasks"]) == {"laion-retrieval", "clip-embed"}
     assert tasks["encode"]["dependentTasks"] == ["conditioning"]
     assert set(tasks["evaluate"]["dependentTasks"]) == {"controlnet-train", "conditioning"}
     assert len(tasks["report"]["dependentTasks"]) == len(STAGES) - 1
+
+
+PER_IMAGE = ("clip_embed", "download", "blip_caption", "conditioning", "encode")
+
+
+def test_per_image_stages_fan_out_over_shard_groups_then_finish_in_one_task(tmp_path):
+    spec, _ = compile_yaml(tmp_path, "--preset", "production", "--set", "shard_groups=3")
+    root = spec["root"]["dag"]["tasks"]
+    loops = {name: task for name, task in root.items() if name.startswith("for-loop")}
+    assert len(loops) == len(PER_IMAGE)
+    for loop in loops.values():
+        assert loop["parameterIterator"]["items"]["raw"] == "[0, 1, 2]"
+        assert loop["iteratorPolicy"]["parallelismLimit"] == 3
+    for stage in PER_IMAGE:
+        inside = [(n, t) for n, t, _, s in all_tasks(spec) if s == stage and n not in root]
+        (after,) = [(n, t) for n, t, _, s in all_tasks(spec) if s == stage and n in root]
+        assert len(inside) == 1
+        assert inside[0][1]["inputs"]["parameters"]["parts"]["runtimeValue"]["constant"] == 3
+        assert "componentInputParameter" in inside[0][1]["inputs"]["parameters"]["part"]
+        assert any(d.startswith("for-loop") for d in after[1]["dependentTasks"])
 
 
 def test_config_is_a_parameter_with_the_preset_as_default_and_nothing_local_leaks(tmp_path):
@@ -73,8 +106,7 @@ def test_every_task_has_resources_and_the_accelerators_its_stage_needs(tmp_path)
     executors = spec["deploymentSpec"]["executors"]
     platform = kubernetes_spec(text)
     config = pipeline_configs.preset("production")
-    for stage in STAGES:
-        name = f"exec-{stage.replace('_', '-')}"
+    for _, _, name, stage in all_tasks(spec):
         resources = executors[name]["container"]["resources"]
         wanted = getattr(config.kubeflow.resources, stage)
         assert resources["cpuRequest"] == float(wanted.cpu) and resources["memoryRequest"] > 0
@@ -94,11 +126,12 @@ def test_every_task_has_resources_and_the_accelerators_its_stage_needs(tmp_path)
 
 def test_download_and_retrieval_retry_with_backoff(tmp_path):
     spec, _ = compile_yaml(tmp_path, "--preset", "production")
-    tasks = spec["root"]["dag"]["tasks"]
-    for name in ("download", "laion-retrieval"):
-        policy = tasks[name]["retryPolicy"]
-        assert policy["maxRetryCount"] == 3 and policy["backoffDuration"] == "30s" and policy["backoffFactor"] == 2
-    assert "retryPolicy" not in tasks["controlnet-train"]
+    for name, task, _, stage in all_tasks(spec):
+        if stage in ("download", "laion_retrieval"):
+            policy = task["retryPolicy"]
+            assert policy["maxRetryCount"] == 3 and policy["backoffDuration"] == "30s" and policy["backoffFactor"] == 2
+        elif stage == "controlnet_train":
+            assert "retryPolicy" not in task
 
 
 def test_gpu_type_becomes_a_node_selector(tmp_path):
