@@ -19,6 +19,26 @@ def dataset_uri(artifact) -> str:
     return uri
 
 
+def _pod_namespace() -> str:
+    path = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
+    try:
+        with open(path) as f:
+            return f.read().strip()
+    except OSError:
+        return "kubeflow"
+
+
+def run_multihost_training(config, run_id: str, encoded_uri: str, output_uri: str):
+    """Train on `train.num_processes` hosts: a JobSet does the work, this task waits for it."""
+    from cnpipe import multihost
+    from cnpipe.dataset import load_output
+
+    body = multihost.manifest(config, run_id, encoded_uri, output_uri, _pod_namespace())
+    ended = multihost.launch_and_wait(body)
+    print(f"JobSet {ended['jobset']}: {ended['state']}")
+    return load_output(output_uri)
+
+
 def run_component(stage: str, config_json: str, run_id: str, inputs: dict, output, part: int = -1, parts: int = 1) -> dict:
     """part >= 0: this task is shard group `part` of `parts` (inside a ParallelFor); the task after the
     loop runs with part = -1 and, finding every shard committed, only writes the manifest."""
@@ -27,7 +47,11 @@ def run_component(stage: str, config_json: str, run_id: str, inputs: dict, outpu
     config = pipeline_configs.from_json(config_json)
     output_uri = storage.join(config.storage.root, run_id, stage)
     group = f"{part}/{parts}" if part >= 0 and parts > 1 else ""
-    result = run_stage(stage, config_json, {k: dataset_uri(a) for k, a in inputs.items()}, output_uri, group)
+    input_uris = {k: dataset_uri(a) for k, a in inputs.items()}
+    if stage == "controlnet_train" and config.train.num_processes > 1:
+        result = run_multihost_training(config, run_id, input_uris["encoded"], output_uri)
+    else:
+        result = run_stage(stage, config_json, input_uris, output_uri, group)
     summary = {"dataset_uri": result.uri, **cli.summary(stage, result)}
     output.metadata.update(summary)
     with open(output.path, "w") as f:
