@@ -45,12 +45,14 @@ from cnpipe.kfp_tasks import configure  # noqa: E402
 from components.blip_caption.component import blip_caption  # noqa: E402
 from components.clip_embed.component import clip_embed  # noqa: E402
 from components.conditioning.component import conditioning  # noqa: E402
+from components.conditioning.merge_component import conditioning_merge  # noqa: E402
 from components.controlnet_train.component import controlnet_train  # noqa: E402
 from components.download.component import download  # noqa: E402
 from components.encode.component import encode  # noqa: E402
 from components.evaluate.component import evaluate  # noqa: E402
 from components.hub_load.component import hub_load  # noqa: E402
 from components.laion_retrieval.component import laion_retrieval  # noqa: E402
+from components.registry import conditioning_groups  # noqa: E402
 from components.report.component import report  # noqa: E402
 
 
@@ -58,17 +60,26 @@ def build(config: pipeline_configs.PipelineConfig):
     """The pipeline for `config`: its JSON is the default of the `config_json` parameter, and every task
     runs in the image of its stage's family with the resources the config gives it (cnpipe.kfp_tasks)."""
 
-    def on_image(task, stage: str):
-        return configure(task, stage, config)
+    def on_image(task, stage: str, family: str = ""):
+        return configure(task, stage, config, family)
 
-    def per_image(component, stage: str, common: dict, **inputs):
+    def per_image(component, stage: str, common: dict, family: str = "", **inputs):
         """A per-image stage: shard groups in parallel tasks, then one task that writes the manifest."""
+        extra = {"family": family} if family else {}
         groups = config.shard_groups
         if groups <= 1:
-            return on_image(component(**common, **inputs), stage)
+            return on_image(component(**common, **inputs, **extra), stage, family)
         with dsl.ParallelFor(items=list(range(groups)), parallelism=groups) as group:
-            part = on_image(component(**common, **inputs, part=group, parts=groups), stage)
-        return on_image(component(**common, **inputs), stage).after(part)
+            part = on_image(component(**common, **inputs, **extra, part=group, parts=groups), stage, family)
+        return on_image(component(**common, **inputs, **extra), stage, family).after(part)
+
+    def conditioning_stage(common: dict, images):
+        """One task per image family among the configured conditioning types (registry.CONDITIONERS)."""
+        groups = conditioning_groups(config.conditioning.types)
+        finals = [per_image(conditioning, "conditioning", common, family=family, images=images) for family in groups]
+        if len(finals) == 1:
+            return finals[0]
+        return on_image(conditioning_merge(**common), "conditioning_merge").after(*finals)
 
     @dsl.pipeline(name=f"controlnet-{config.name}", description="Raw images to a trained ControlNet.",
                   pipeline_root=config.kubeflow.pipeline_root or None)
@@ -79,7 +90,7 @@ def build(config: pipeline_configs.PipelineConfig):
         retrieved = on_image(laion_retrieval(**common, seeds=embedded.output), "laion_retrieval")
         images = per_image(download, "download", common, retrieved=retrieved.output, seeds=embedded.output)
         captioned = per_image(blip_caption, "blip_caption", common, images=images.output)
-        controls = per_image(conditioning, "conditioning", common, images=captioned.output)
+        controls = conditioning_stage(common, captioned.output)
         encoded = per_image(encode, "encode", common, conditioning=controls.output)
         trained = on_image(controlnet_train(**common, encoded=encoded.output), "controlnet_train")
         evaluated = on_image(evaluate(**common, trained=trained.output, conditioning=controls.output), "evaluate")

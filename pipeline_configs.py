@@ -119,6 +119,8 @@ class ConditioningConfig:
     pose_min_keypoints: int = 6  # fewer visible OpenPose keypoints than this counts as no_pose
     caption_source: str = "prefer_source"  # which caption goes in `caption`: prefer_source | blip | source
     workers: int = 0  # processes making control images; 0: one per CPU core
+    depth_model: str = "depth-anything/Depth-Anything-V2-Small-hf"  # depth type: a transformers depth-estimation model
+    depth_device: str = "auto"
 
 
 @dataclass
@@ -418,8 +420,22 @@ def production(bucket: str = "gs://controlnet-pipeline-data") -> PipelineConfig:
     )
 
 
+def embedded_depth(assets: str = EMBEDDED_ASSETS) -> PipelineConfig:
+    """The embedded default moved to a new domain by config alone: a third control type (depth, made in
+    the vision family's environment) and a ControlNet trained on it."""
+    config = embedded(assets)
+    config.name = "embedded-depth"
+    config.conditioning.types = ["canny", "pose", "depth"]
+    config.conditioning.depth_model = f"{assets}/models/tiny-depth"
+    config.conditioning.depth_device = "cpu"
+    config.encode.conditioning_type = "depth"
+    config.retrieval.prompts = ["a photo of a room", "a photo of a street", "a photo of a person"]
+    return config
+
+
 PRESETS: dict[str, typing.Callable[[], PipelineConfig]] = {
     "embedded": embedded,
+    "embedded-depth": embedded_depth,
     "production": production,
 }
 

@@ -28,9 +28,10 @@ def family_python(family: str) -> str:
     return str(venv) if venv.exists() else sys.executable
 
 
-def stage_command(stage: str, config_json: str, inputs: dict[str, str], output_uri: str, part: str = "") -> list[str]:
+def stage_command(stage: str, config_json: str, inputs: dict[str, str], output_uri: str, part: str = "",
+                  family: str = "") -> list[str]:
     spec = STAGES[stage]
-    argv = [family_python(spec.family), "-m", spec.module, "--config-json", config_json, "--output", output_uri]
+    argv = [family_python(family or spec.family), "-m", spec.module, "--config-json", config_json, "--output", output_uri]
     if part:
         argv += ["--part", part]
     for name, uri in inputs.items():
@@ -38,14 +39,23 @@ def stage_command(stage: str, config_json: str, inputs: dict[str, str], output_u
     return argv
 
 
-def run_stage(stage: str, config_json: str, inputs: dict[str, str], output_uri: str, part: str = "") -> "Manifest | StageOutput":
-    """Run one stage (or one shard group of it: part "i/n") in its family's interpreter; return what it left."""
-    argv = stage_command(stage, config_json, inputs, output_uri, part)
+def run_stage(stage: str, config_json: str, inputs: dict[str, str], output_uri: str, part: str = "",
+              family: str = "") -> "Manifest | StageOutput":
+    """Run one stage in its family's interpreter and return what it left. `part` ("i/n") runs one shard
+    group only; `family` runs the part of a stage made in another family's environment (conditioning
+    types whose libraries live elsewhere), told to the stage as CNPIPE_FAMILY."""
+    argv = stage_command(stage, config_json, inputs, output_uri, part, family)
     env = dict(os.environ)
+    if family:
+        env["CNPIPE_FAMILY"] = family
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
     completed = subprocess.run(argv, env=env)
     if completed.returncode != 0:
         raise StageFailed(f"stage {stage} exited with status {completed.returncode} ({argv[0]})")
     if part:
         return StageOutput(output_uri, {"part": part})
+    if family:
+        from cnpipe import storage
+
+        return StageOutput(output_uri, storage.read_json(storage.join(output_uri, "groups", f"{family}.json")))
     return load_output(output_uri)

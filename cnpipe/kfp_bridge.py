@@ -10,6 +10,7 @@ import json
 from cnpipe import storage
 from cnpipe import cli
 from cnpipe.families import run_stage
+from components.registry import STAGES
 
 
 def dataset_uri(artifact) -> str:
@@ -39,19 +40,20 @@ def run_multihost_training(config, run_id: str, encoded_uri: str, output_uri: st
     return load_output(output_uri)
 
 
-def run_component(stage: str, config_json: str, run_id: str, inputs: dict, output, part: int = -1, parts: int = 1) -> dict:
+def run_component(stage: str, config_json: str, run_id: str, inputs: dict, output, part: int = -1, parts: int = 1,
+                  family: str = "") -> dict:
     """part >= 0: this task is shard group `part` of `parts` (inside a ParallelFor); the task after the
     loop runs with part = -1 and, finding every shard committed, only writes the manifest."""
     import pipeline_configs
 
     config = pipeline_configs.from_json(config_json)
-    output_uri = storage.join(config.storage.root, run_id, stage)
+    output_uri = storage.join(config.storage.root, run_id, STAGES[stage].output_dir or stage)
     group = f"{part}/{parts}" if part >= 0 and parts > 1 else ""
     input_uris = {k: dataset_uri(a) for k, a in inputs.items()}
     if stage == "controlnet_train" and config.train.num_processes > 1:
         result = run_multihost_training(config, run_id, input_uris["encoded"], output_uri)
     else:
-        result = run_stage(stage, config_json, input_uris, output_uri, group)
+        result = run_stage(stage, config_json, input_uris, output_uri, group, family)
     summary = {"dataset_uri": result.uri, **cli.summary(stage, result)}
     output.metadata.update(summary)
     with open(output.path, "w") as f:

@@ -10,13 +10,13 @@ GKE_TPU = "cloud.google.com/gke-tpu-accelerator"
 GKE_TPU_TOPOLOGY = "cloud.google.com/gke-tpu-topology"
 
 
-def configure(task, stage: str, config):
-    """Apply everything the config says about running `stage` to its kfp task; returns the task."""
+def configure(task, stage: str, config, family: str = ""):
+    """Apply everything the config says about running `stage` (in `family`'s image when given) to its task."""
     from kfp import kubernetes
 
     kf = config.kubeflow
-    res = getattr(kf.resources, stage)
-    task.set_container_image(image_ref(config.images, STAGES[stage].family))
+    res = getattr(kf.resources, stage, None) or kf.resources.report  # small helper tasks: the smallest pod
+    task.set_container_image(image_ref(config.images, family or STAGES[stage].family))
     task.set_display_name(stage.replace("_", " "))
     task.set_cpu_request(res.cpu).set_cpu_limit(res.cpu_limit or res.cpu)
     task.set_memory_request(res.memory).set_memory_limit(res.memory_limit or res.memory)

@@ -23,7 +23,7 @@ from cnpipe.dataset import ContractError, Manifest, load_output
 from cnpipe.families import REPO_ROOT, family_python
 from components.registry import STAGES
 
-STAGE_ORDER = [s for s in STAGES if s != "report"] + ["report"]
+STAGE_ORDER = [s for s, spec in STAGES.items() if s != "report" and not spec.output_dir] + ["report"]
 
 
 def _absolute(path: str) -> str:
@@ -44,6 +44,7 @@ def prepare_embedded(config, run_dir: pathlib.Path):
     _run_python("core", "-m", "cnpipe.embedded.assets", assets)
     _run_python("vision", "-m", "cnpipe.embedded.tiny_models", f"{assets}/models")
     _run_python("vision", "-m", "cnpipe.embedded.tiny_sd", f"{assets}/models")
+    _run_python("vision", "-m", "components.depth.tiny_model", f"{assets}/models")
     ready = run_dir / "local_web.json"
     previous = json.loads(ready.read_text()) if ready.exists() else {}
     ready.unlink(missing_ok=True)

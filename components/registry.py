@@ -10,6 +10,7 @@ class StageSpec:
     name: str
     module: str  # run as `python -m <module>` in the family's interpreter
     family: str
+    output_dir: str = ""  # under <root>/<run id>/; default: the stage's name
 
 
 STAGES = {
@@ -21,6 +22,8 @@ STAGES = {
         StageSpec("download", "components.download", "download"),
         StageSpec("blip_caption", "components.blip_caption", "vision"),
         StageSpec("conditioning", "components.conditioning", "conditioning"),
+        # When conditioning types span families, each family's task writes its types; this lists them all.
+        StageSpec("conditioning_merge", "components.conditioning.merge", "core", output_dir="conditioning"),
         StageSpec("report", "components.report", "core"),
         StageSpec("encode", "components.encode", "vision"),
         StageSpec("controlnet_train", "components.controlnet_train", "train"),
@@ -30,18 +33,36 @@ STAGES = {
 
 FAMILIES = ("core", "vision", "download", "conditioning", "train")
 
-# Conditioning types: name -> "module:Class" following components/conditioning/contract.py.
-# A new type is a new module and one line here; configs pick types by name (conditioning.types).
+# Conditioning types: name -> (class "module:Class" following components/conditioning/contract.py, the
+# image family whose environment has its libraries). A new type is a new folder and one line here;
+# configs pick types by name (conditioning.types), and each family's types run in that family's task.
 CONDITIONERS = {
-    "canny": "components.conditioning.canny:CannyConditioner",
-    "pose": "components.conditioning.pose:PoseConditioner",
+    "canny": ("components.conditioning.canny:CannyConditioner", "conditioning"),
+    "pose": ("components.conditioning.pose:PoseConditioner", "conditioning"),
+    "depth": ("components.depth.conditioner:DepthConditioner", "vision"),
 }
+
+
+def _conditioner(name: str) -> tuple[str, str]:
+    if name not in CONDITIONERS:
+        raise ValueError(f"unknown conditioning type {name!r}; registered: {', '.join(sorted(CONDITIONERS))}")
+    return CONDITIONERS[name]
 
 
 def conditioner_class(name: str):
     import importlib
 
-    if name not in CONDITIONERS:
-        raise ValueError(f"unknown conditioning type {name!r}; registered: {', '.join(sorted(CONDITIONERS))}")
-    module, _, cls = CONDITIONERS[name].partition(":")
+    module, _, cls = _conditioner(name)[0].partition(":")
     return getattr(importlib.import_module(module), cls)
+
+
+def conditioner_family(name: str) -> str:
+    return _conditioner(name)[1]
+
+
+def conditioning_groups(types: list[str]) -> dict[str, list[str]]:
+    """family -> the configured types it makes, in config order."""
+    groups: dict[str, list[str]] = {}
+    for name in types:
+        groups.setdefault(conditioner_family(name), []).append(name)
+    return groups

@@ -17,8 +17,9 @@ def conditioning(
     output: Output[Dataset],
     part: int = -1,
     parts: int = 1,
+    family: str = "",
 ):
-    """Control images, one dataset per conditioning type."""
+    """Control images, one dataset per conditioning type (`family`: only the types made in that image family)."""
     from cnpipe.kfp_bridge import run_component
 
-    run_component("conditioning", config_json, run_id, {"images": images}, output, part, parts)
+    run_component("conditioning", config_json, run_id, {"images": images}, output, part, parts, family)

@@ -4,7 +4,10 @@ A conditioner is a class built once per worker from the pipeline's ConditioningC
 RGB image (H×W×3 uint8 numpy array), returning the control image (H×W×3 uint8, same size: ControlNet
 pairs pixels) or raising NoControl(reason) when the image has nothing to condition on (no person for
 pose): the row is then rejected from that type's dataset with the reason, never dropped.
-Register a new type in components/registry.py CONDITIONERS.
+Register a new type in components/registry.py CONDITIONERS with the image family whose environment
+has its libraries: the pipeline runs each family's types in a task on that family's image and lists
+every type's dataset at the end (conditioning_merge). Options go in ConditioningConfig; model weights
+load from safetensors (use_safetensors=True).
 """
 from __future__ import annotations
 

@@ -7,6 +7,7 @@ pool of worker processes, each holding its own conditioners (MediaPipe graphs ar
 """
 from __future__ import annotations
 
+import dataclasses
 import multiprocessing
 import os
 from collections import Counter
@@ -15,11 +16,11 @@ import numpy as np
 import pyarrow as pa
 
 from cnpipe import images, storage
-from cnpipe.dataset import Manifest, Reject, ShardedOutput, ShardResult
+from cnpipe.dataset import Manifest, Reject, ShardedOutput, ShardResult, StageOutput
 from cnpipe.progress import bar
 from cnpipe.stage import my_part, partial_output, shard_plan
 from components.conditioning.contract import NoControl
-from components.registry import conditioner_class
+from components.registry import conditioner_class, conditioning_groups
 
 STAGE = "conditioning"
 _worker_conditioners: dict = {}
@@ -88,6 +89,11 @@ def run(config, inputs: dict[str, Manifest], output_uri: str):
     if cfg.caption_source not in ("prefer_source", "blip", "source"):
         raise ValueError(f"conditioning.caption_source must be prefer_source, blip or source, got {cfg.caption_source!r}")
     (source,) = inputs.values()
+    all_types = list(cfg.types)
+    family = os.environ.get("CNPIPE_FAMILY", "")
+    cfg = dataclasses.replace(cfg, types=conditioning_groups(all_types).get(family, []) if family else all_types)
+    if not cfg.types:
+        raise ValueError(f"none of conditioning.types {all_types} is made in the {family!r} family")
     # Build the conditioners here first: an unknown type or unusable settings (a pose model the wheel does not
     # ship) fail before any work. Raised in a Pool initializer, the same error would respawn workers forever.
     _init_worker(cfg)
@@ -119,12 +125,13 @@ def run(config, inputs: dict[str, Manifest], output_uri: str):
     if partial is not None:
         return partial
     manifests = {name: out.finalize([p[0] for p in plan], inputs=[source.uri]) for name, out in outputs.items()}
-    summary = {
-        "uri": output_uri,
-        "types": {
-            name: {"uri": m.uri, "rows_in": m.rows_in, "rows_out": m.rows_out, "rows_rejected": m.rows_rejected, "rejections": m.rejections}
-            for name, m in manifests.items()
-        },
+    types = {
+        name: {"uri": m.uri, "rows_in": m.rows_in, "rows_out": m.rows_out, "rows_rejected": m.rows_rejected, "rejections": m.rejections}
+        for name, m in manifests.items()
     }
+    storage.write_json_atomic(storage.join(output_uri, "groups", f"{family or 'all'}.json"), {"family": family, "types": types})
+    summary = {"uri": output_uri, "types": types}
+    if cfg.types != all_types:  # other families make the other types; conditioning_merge writes summary.json
+        return StageOutput(output_uri, summary)
     storage.write_json_atomic(storage.join(output_uri, "summary.json"), summary)
     return summary

@@ -11,14 +11,31 @@ from cnpipe.dataset import Manifest, load_output
 REPO = pathlib.Path(__file__).resolve().parents[2]
 
 
+LIGHT = ["--set", "train.max_steps=6", "--set", "train.checkpoint_every=3", "--set", "evaluate.num_inference_steps=2",
+         "--set", "evaluate.num_samples=2"]
+
+
+def run_pipeline(root: str, run_id: str, env: dict | None = None) -> str:
+    argv = [sys.executable, "pipeline.py", "run", "--run-id", run_id, "--set", f"storage.root={root}", *LIGHT]
+    done = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=900, env=env)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done.stdout
+
+
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("runs")
-    argv = [sys.executable, "pipeline.py", "run", "--run-id", "e2e", "--set", f"storage.root={root}",
-            "--set", "train.max_steps=6", "--set", "train.checkpoint_every=3", "--set", "evaluate.num_inference_steps=2"]
-    done = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    return root / "e2e", done.stdout
+    return root / "e2e", run_pipeline(str(root), "e2e")
+
+
+def rows_per_stage(run_root: str) -> dict:
+    counts = {}
+    for stage in ("hub_load", "clip_embed", "laion_retrieval", "download", "blip_caption", "encode"):
+        m = Manifest.load(f"{run_root}/{stage}")
+        counts[stage] = (m.rows_in, m.rows_out, m.rows_rejected, m.rejections)
+    for name, info in load_output(f"{run_root}/conditioning").summary["types"].items():
+        counts[f"conditioning/{name}"] = (info["rows_in"], info["rows_out"], info["rows_rejected"], info["rejections"])
+    return counts
 
 
 def test_every_row_is_accounted_for_at_every_stage(finished_run):
@@ -63,3 +80,33 @@ def test_report_and_printed_summary(finished_run):
     assert (run_root / "report" / "contact_sheet.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     for stage in ("hub_load", "download", "conditioning/canny", "encode", "controlnet_train", "evaluate", "report"):
         assert stage in stdout
+
+
+def test_same_rows_per_stage_with_storage_on_a_gcs_emulator(finished_run, monkeypatch):
+    """Every stage reads and writes gs:// (gcsfs) against gcp-storage-emulator on a loopback port."""
+    import os
+    import socket
+
+    from gcp_storage_emulator.server import create_server
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = create_server("127.0.0.1", port, in_memory=True, default_bucket="cnpipe-test")
+    server.start()
+    try:
+        emulator = {"STORAGE_EMULATOR_HOST": f"http://127.0.0.1:{port}", "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false"}
+        stdout = run_pipeline("gs://cnpipe-test/runs", "gcs", env={**os.environ, **emulator})
+        for key, value in emulator.items():
+            monkeypatch.setenv(key, value)
+        on_gcs = rows_per_stage("gs://cnpipe-test/runs/gcs")
+        from cnpipe import storage
+
+        assert storage.exists("gs://cnpipe-test/runs/gcs/controlnet_train/controlnet/config.json")
+        assert storage.exists("gs://cnpipe-test/runs/gcs/report/contact_sheet.png")
+        assert storage.exists("gs://cnpipe-test/runs/gcs/evaluate/metrics.json")
+    finally:
+        server.stop()
+    local_root, _ = finished_run
+    assert on_gcs == rows_per_stage(str(local_root))
+    assert "gs://cnpipe-test/runs/gcs/report/report.md" in stdout

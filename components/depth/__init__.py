@@ -1,0 +1,1 @@
+"""Depth control images: a conditioning type added the documented way (README "Add a component")."""
