@@ -6,7 +6,7 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 from components.download import url_guard
 
-# Runs again in every worker img2dataset spawns, so the guard covers them and their redirects.
+# Guards this process; img2dataset's spawned workers get theirs from stage.guarded_spawned_workers.
 url_guard.install_from_env()
 
 if __name__ == "__main__":

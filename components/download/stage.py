@@ -45,8 +45,8 @@ def failure_reason(message: str | None) -> str:
     if code:
         return f"http_{code.group(1)}"
     for needle, reason in (
-        ("unsafe redirect", "unsafe_redirect"), ("refused", "unsafe_address"), ("timed out", "timeout"),
-        ("timeout", "timeout"), ("too small", "too_small"), ("aspect ratio", "bad_aspect_ratio"),
+        ("unsafe redirect", "unsafe_redirect"), ("dns_failure", "dns_failure"), ("connection refused", "connection_error"), ("refused", "unsafe_address"),
+        ("timed out", "timeout"), ("timeout", "timeout"), ("too small", "too_small"), ("aspect ratio", "bad_aspect_ratio"),
         ("too large", "too_large"), ("cannot identify", "not_an_image"), ("truncated", "truncated_image"),
         ("decod", "not_an_image"), ("x-robots-tag", "opted_out"), ("connection", "connection_error"),
         ("name or service", "dns_failure"),
@@ -54,6 +54,21 @@ def failure_reason(message: str | None) -> str:
         if needle in text:
             return reason
     return "download_error"
+
+
+@contextlib.contextmanager
+def guarded_spawned_workers():
+    """img2dataset's workers are spawned processes, and a spawned child imports nothing of ours but the
+    parent's main module (never a package's `__main__`, e.g. `python -m components.download`'s). So while
+    they start, the main module is url_guard, whose import as a child's main installs the guard there."""
+    from components.download import url_guard
+
+    saved = sys.modules["__main__"]
+    sys.modules["__main__"] = url_guard
+    try:
+        yield
+    finally:
+        sys.modules["__main__"] = saved
 
 
 @contextlib.contextmanager
@@ -83,11 +98,12 @@ def quiet_file_descriptors(log_path: str):
 
 def fetch(urls: list[tuple[str, str]], cfg) -> dict[str, dict]:
     """Run img2dataset on (id, url) pairs; return id -> its output row (status, error_message, jpg, ...)."""
+    os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # else its import phones home (here and in the workers)
     import img2dataset
 
     with tempfile.TemporaryDirectory(prefix="cnpipe-dl-") as tmp:
         pq.write_table(pa.table({"url": [u for _, u in urls], "id": [i for i, _ in urls]}), f"{tmp}/urls.parquet")
-        with quiet_file_descriptors(f"{tmp}/img2dataset.log"):
+        with quiet_file_descriptors(f"{tmp}/img2dataset.log"), guarded_spawned_workers():
             img2dataset.download(
                 url_list=f"{tmp}/urls.parquet", input_format="parquet", url_col="url", save_additional_columns=["id"],
                 output_format="parquet", output_folder=f"{tmp}/out", number_sample_per_shard=len(urls) + 1,

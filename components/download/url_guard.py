@@ -1,5 +1,5 @@
 """Refuse URLs that point inside the network: private, loopback, link-local (cloud metadata at
-169.254.169.254 included), multicast and reserved addresses, and schemes other than http(s)
+169.254.169.254 included), shared (100.64.0.0/10), multicast and reserved addresses, and schemes other than http(s)
 (file only when allowed). Checked before download, at connect time and on every redirect.
 """
 from __future__ import annotations
@@ -53,8 +53,9 @@ class UrlPolicy:
             address = ipaddress.ip_address(info[4][0].split("%")[0])
             if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
                 address = address.ipv4_mapped
+            # not is_global adds shared address space 100.64.0.0/10 (Alibaba Cloud's metadata is 100.100.100.200)
             internal = (address.is_private or address.is_loopback or address.is_link_local or address.is_multicast
-                        or address.is_reserved or address.is_unspecified)
+                        or address.is_reserved or address.is_unspecified or not address.is_global)
             if internal and not self._allowed(address):
                 raise UnsafeUrl("unsafe_address", f"{parts.hostname} resolves to {address}")
 
@@ -96,3 +97,7 @@ def install(policy: UrlPolicy) -> None:
 def install_from_env() -> None:
     if os.environ.get(ENV_VAR):
         install(UrlPolicy(**json.loads(os.environ[ENV_VAR])))
+
+
+if __name__ == "__mp_main__":  # the main module of a worker that img2dataset spawned (stage.guarded_spawned_workers)
+    install_from_env()

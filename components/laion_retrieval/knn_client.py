@@ -49,6 +49,9 @@ class KnnClient:
         for attempt in range(self.cfg.retries + 1):
             try:
                 response = self.session.post(self.url, json=self.body(text, embedding), timeout=self.cfg.timeout_s)
+                if 400 <= response.status_code < 500 and response.status_code not in (408, 429):
+                    # the request itself is wrong (unknown indice, bad embedding): retrying repeats it; say why
+                    raise KnnServiceError(f"{self.url} refused the query (HTTP {response.status_code}): {response.text[:500]}")
                 response.raise_for_status()
                 results = response.json()
                 if isinstance(results, dict) and "error" in results:

@@ -1,0 +1,187 @@
+"""Configs are strict: unknown keys and wrong types fail before any work, naming the field; presets
+survive JSON; a section's hash moves with that section only (it decides which shards a rerun reuses)."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import subprocess
+
+import pytest
+
+import pipeline_configs
+from cnpipe import cli as stage_cli
+from pipeline_configs import ConfigError, PipelineConfig
+
+SECTIONS = [name for name, value in PipelineConfig().to_dict().items() if isinstance(value, dict)]
+
+
+def test_sections_are_the_stage_settings():
+    assert {"hub_load", "clip_embed", "retrieval", "download", "caption", "conditioning", "report"} <= set(SECTIONS)
+    assert all(isinstance(v, dict) for k, v in PipelineConfig().to_dict().items() if k in SECTIONS)
+
+
+@pytest.mark.parametrize(
+    "data, field",
+    [
+        ({"hub_laod": {}}, "hub_laod"),
+        ({"hub_load": {"max_rowz": 3}}, "hub_load.max_rowz"),
+        ({"retrieval": {"prompts": ["a"], "num_imgs": 4}}, "retrieval.num_imgs"),
+        ({"download": {"allowed_network": ["127.0.0.0/8"]}}, "download.allowed_network"),
+    ],
+)
+def test_unknown_key_names_the_field(data, field):
+    with pytest.raises(ConfigError) as err:
+        pipeline_configs.from_dict(data)
+    assert f"'{field}'" in str(err.value)
+    assert "valid keys" in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "data, field",
+    [
+        ({"hub_load": {"rows_per_shard": "8"}}, "hub_load.rows_per_shard"),
+        ({"hub_load": {"max_rows": True}}, "hub_load.max_rows"),  # a bool is not an int here
+        ({"hub_load": {"streaming": "yes"}}, "hub_load.streaming"),
+        ({"retrieval": {"prompts": "a cat"}}, "retrieval.prompts"),
+        ({"retrieval": {"prompts": ["a cat", 3]}}, "retrieval.prompts[1]"),
+        ({"retrieval": {"min_similarity": "0.2"}}, "retrieval.min_similarity"),
+        ({"conditioning": {"types": [None]}}, "conditioning.types[0]"),
+        ({"hub_load": 3}, "hub_load"),
+        ({"name": 7}, "name"),
+    ],
+)
+def test_wrong_type_names_the_field(data, field):
+    with pytest.raises(ConfigError) as err:
+        pipeline_configs.from_dict(data)
+    assert f"'{field}'" in str(err.value)
+
+
+def test_an_int_is_accepted_where_a_float_is_expected_and_stored_as_float():
+    config = pipeline_configs.from_dict({"retrieval": {"min_similarity": 1}})
+    assert config.retrieval.min_similarity == 1.0 and isinstance(config.retrieval.min_similarity, float)
+
+
+def test_missing_keys_take_their_defaults():
+    config = pipeline_configs.from_dict({"hub_load": {"source": "x"}})
+    assert config.hub_load.source == "x"
+    assert config.hub_load.rows_per_shard == pipeline_configs.HubLoadConfig().rows_per_shard
+    assert config.download == pipeline_configs.DownloadConfig()
+
+
+def test_overrides_parse_json_values_and_keep_strings():
+    base = pipeline_configs.embedded("/assets")
+    config = pipeline_configs.with_overrides(
+        base, ["hub_load.max_rows=5", 'retrieval.prompts=["a dog", "a cat"]', "hub_load.source=gs://bucket/seeds",
+               "download.allow_file_urls=true", "retrieval.min_similarity=0.25"],
+    )
+    assert config.hub_load.max_rows == 5
+    assert config.retrieval.prompts == ["a dog", "a cat"]
+    assert config.hub_load.source == "gs://bucket/seeds"
+    assert config.download.allow_file_urls is True
+    assert config.retrieval.min_similarity == 0.25
+    # everything not overridden is the base's, and the base is untouched
+    assert config.clip_embed == base.clip_embed
+    assert base.hub_load.max_rows == 0
+
+
+@pytest.mark.parametrize(
+    "override, needle",
+    [
+        ("hub_load.max_rowz=5", "hub_load.max_rowz"),
+        ("hub_laod.max_rows=5", "hub_laod.max_rows"),
+        ("hub_load.max_rows.deeper=5", "hub_load.max_rows.deeper"),
+        ("hub_load.max_rows=five", "hub_load.max_rows"),  # not JSON: taken as a string, then refused as not an int
+        ("hub_load.max_rows", "section.key=value"),
+    ],
+)
+def test_bad_overrides_are_refused(override, needle):
+    with pytest.raises(ConfigError) as err:
+        pipeline_configs.with_overrides(pipeline_configs.embedded(), [override])
+    assert needle in str(err.value)
+
+
+@pytest.mark.parametrize("name", sorted(pipeline_configs.PRESETS))
+def test_every_preset_round_trips_through_json(name):
+    config = pipeline_configs.preset(name)
+    text = config.to_json()
+    again = pipeline_configs.from_json(text)
+    assert again == config
+    assert again.to_json() == text
+    assert json.loads(text)["name"] == config.name
+
+
+def test_unknown_preset_is_refused():
+    with pytest.raises(ConfigError, match="unknown preset 'prod'"):
+        pipeline_configs.preset("prod")
+
+
+def _changed(value):
+    """Another value of the same type (and element type, for lists)."""
+    if isinstance(value, bool):
+        return not value
+    if isinstance(value, (int, float)):
+        return value + 1
+    if isinstance(value, str):
+        return value + "-changed"
+    if isinstance(value, list):
+        return value[:-1] if value else ["changed"]
+    if isinstance(value, dict):  # a nested section: change its first field
+        first = next(iter(value))
+        return {**value, first: _changed(value[first])}
+    raise AssertionError(f"no change rule for {value!r}")
+
+
+@pytest.mark.parametrize("section", SECTIONS)
+def test_section_hash_changes_only_with_its_section(section):
+    base = pipeline_configs.embedded("/assets")
+    hashes = {s: base.section_hash(s) for s in SECTIONS}
+    data = base.to_dict()
+    for key, value in data[section].items():  # every field of the section moves its hash
+        changed = json.loads(json.dumps(data))
+        changed[section][key] = _changed(value)
+        other = pipeline_configs.from_dict(changed)
+        assert other.section_hash(section) != hashes[section], f"{section}.{key} does not change its hash"
+        assert {s: other.section_hash(s) for s in SECTIONS if s != section} == {
+            s: h for s, h in hashes.items() if s != section
+        }, f"{section}.{key} changed another section's hash"
+    assert pipeline_configs.from_json(base.to_json()).section_hash(section) == hashes[section]
+
+
+def test_section_hash_ignores_the_run_name():
+    a, b = pipeline_configs.embedded("/assets"), pipeline_configs.embedded("/assets")
+    b.name = "another-run"
+    assert all(a.section_hash(s) == b.section_hash(s) for s in SECTIONS)
+
+
+def test_cli_refuses_a_bad_config_before_running_the_stage(tmp_path, capsys):
+    called = []
+    code = stage_cli.main(
+        "hub_load", lambda *args: called.append(args),
+        ["--config-json", json.dumps({"hub_load": {"source": str(tmp_path), "sourse": "x"}}), "--output", str(tmp_path / "out")],
+    )
+    assert code == 2
+    assert called == []
+    assert "hub_load.sourse" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    "hub_load, top, field",
+    [
+        ({"sourse": "seeds"}, {}, "hub_load.sourse"),
+        ({"rows_per_shard": "4"}, {}, "hub_load.rows_per_shard"),
+        ({}, {"hub_loader": {}}, "hub_loader"),
+    ],
+)
+def test_hub_load_module_exits_2_naming_the_field_before_any_work(tmp_path, images, cli, hub_load, top, field):
+    argv, env = cli
+    seeds = tmp_path / "seeds"
+    seeds.mkdir()
+    (seeds / "a.jpg").write_bytes(images.jpeg())
+    data = {"hub_load": {"kind": "folder", "source": str(seeds), **hub_load}, **top}
+    out = tmp_path / "out"
+    done = subprocess.run(argv("hub_load", json.dumps(data), str(out)), env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert f"'{field}'" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert not out.exists()

@@ -1,0 +1,93 @@
+"""A loopback web for the download family's tests: good and broken images, a 404, an HTML page, an image
+whose X-Robots-Tag opts out of AI use, and `/redirect?to=URL` (302), with a log of every request it received."""
+from __future__ import annotations
+
+import io
+import threading
+import urllib.parse
+import urllib.request
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+from PIL import Image
+
+
+def jpeg(width: int, height: int, color=(200, 40, 40)) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (width, height), color).save(buffer, format="JPEG", quality=90)
+    return buffer.getvalue()
+
+
+class LoopbackWeb:
+    def __init__(self, host: str = "127.0.0.1"):
+        self.files = {
+            "/good.jpg": ("image/jpeg", jpeg(120, 90)),
+            "/tiny.jpg": ("image/jpeg", jpeg(10, 10)),
+            "/page.jpg": ("image/jpeg", b"<!doctype html><html><body>an HTML page named .jpg</body></html>"),
+            "/opted-out.jpg": ("image/jpeg", jpeg(100, 100, (0, 90, 200))),
+        }
+        self.headers = {"/opted-out.jpg": {"X-Robots-Tag": "noai"}}
+        self.requests: list[str] = []
+        web = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args) -> None:
+                pass
+
+            def do_GET(self) -> None:
+                web.requests.append(self.path)
+                if self.path.startswith("/redirect?"):
+                    target = urllib.parse.parse_qs(urllib.parse.urlsplit(self.path).query)["to"][0]
+                    self.send_response(302)
+                    self.send_header("Location", target)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                if self.path not in web.files:
+                    self.send_error(404)
+                    return
+                kind, body = web.files[self.path]
+                self.send_response(200)
+                self.send_header("Content-Type", kind)
+                self.send_header("Content-Length", str(len(body)))
+                for name, value in web.headers.get(self.path, {}).items():
+                    self.send_header(name, value)
+                self.end_headers()
+                self.wfile.write(body)
+
+        self.server = ThreadingHTTPServer((host, 0), Handler)
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+        self.base = f"http://{host}:{self.server.server_address[1]}"
+
+    def url(self, path: str) -> str:
+        return self.base + path
+
+    def redirect(self, target: str) -> str:
+        return self.url("/redirect?to=" + urllib.parse.quote(target, safe=""))
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def web():
+    server = LoopbackWeb()
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def web_elsewhere():
+    """A second server on another loopback address (127.0.0.2): inside 127.0.0.0/8, outside 127.0.0.1/32."""
+    server = LoopbackWeb("127.0.0.2")
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def restore_opener():
+    """url_guard.install replaces urllib's global opener; put the default back afterwards."""
+    yield
+    urllib.request.install_opener(None)

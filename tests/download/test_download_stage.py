@@ -1,0 +1,160 @@
+"""The download stage end to end against a loopback web (img2dataset really runs, with its spawned
+worker): every URL row becomes an image or a rejection with its reason, seed rows that already carry an
+image pass through, and the address guard holds before download and on redirects inside the workers."""
+from __future__ import annotations
+
+import io
+import socket
+from collections import Counter
+
+import pyarrow as pa
+import pytest
+from PIL import Image
+
+import pipeline_configs
+from cnpipe.dataset import Manifest, ShardedOutput, ShardResult
+from components.download import stage as download
+from components.download.url_guard import ENV_VAR
+from components.hub_load.stage import SEED_SCHEMA
+from components.laion_retrieval.stage import RETRIEVED_SCHEMA
+
+
+def write_dataset(uri: str, stage: str, table: pa.Table) -> Manifest:
+    output = ShardedOutput(uri, stage, "test", table.schema)
+    output.commit("part-00000", ShardResult(table), table.num_rows)
+    return output.finalize(["part-00000"], inputs=[])
+
+
+def retrieved(tmp_path, urls: dict[str, str]) -> Manifest:
+    table = pa.table(
+        {"id": list(urls), "url": list(urls.values()), "source_caption": [f"caption of {i}" for i in urls],
+         "similarity": [0.5] * len(urls), "query": ["prompt:a test"] * len(urls)},
+        schema=RETRIEVED_SCHEMA,
+    )
+    return write_dataset(str(tmp_path / "retrieved"), "laion_retrieval", table)
+
+
+def seeds(tmp_path, seed_image: bytes, seed_url: str | None = None) -> Manifest:
+    """A seed that carries its image, and (given seed_url) a seed from a URL table that does not yet."""
+    table = pa.table(
+        {"id": ["seed-with-image", "seed-url-only"], "image": [seed_image, None], "width": [40, None], "height": [30, None],
+         "url": [None, seed_url], "source_caption": ["a seed", None], "origin": ["folder:seed.jpg", "table:1"]},
+        schema=SEED_SCHEMA,
+    )
+    return write_dataset(str(tmp_path / "seeds"), "hub_load", table if seed_url else table.slice(0, 1))
+
+
+def closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def config(**download_settings) -> pipeline_configs.PipelineConfig:
+    cfg = pipeline_configs.embedded("/unused")
+    cfg.download.processes_count = 1
+    cfg.download.thread_count = 4
+    cfg.download.retries = 0
+    cfg.download.timeout_s = 5
+    cfg.download.min_image_size = 32
+    for key, value in download_settings.items():
+        setattr(cfg.download, key, value)
+    return cfg
+
+
+@pytest.fixture
+def isolated_guard(monkeypatch, restore_opener):
+    """run() sets the policy variable for img2dataset's workers and installs urllib's guard: undo both."""
+    monkeypatch.setenv(ENV_VAR, "")
+
+
+def seed_jpeg() -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (40, 30), (1, 2, 3)).save(buffer, format="JPEG")
+    return buffer.getvalue()
+
+
+def test_download_matrix(tmp_path, web, web_elsewhere, isolated_guard):
+    urls = {
+        "good": web.url("/good.jpg"),
+        "redirect-good": web.redirect(web.url("/good.jpg")),
+        "missing": web.url("/missing.jpg"),
+        "html": web.url("/page.jpg"),
+        "tiny": web.url("/tiny.jpg"),
+        "opted-out": web.url("/opted-out.jpg"),
+        "redirect-metadata": web.redirect("http://169.254.169.254/latest/meta-data/"),
+        "redirect-elsewhere": web.redirect(web_elsewhere.url("/good.jpg")),  # 127.0.0.2: outside 127.0.0.1/32
+        "dead": f"http://127.0.0.1:{closed_port()}/gone.jpg",
+        "metadata": "http://169.254.169.254/latest/meta-data/",
+        "ftp": "ftp://example.com/a.jpg",
+    }
+    image = seed_jpeg()
+    # one img2dataset call (it spawns processes: seconds each): the seed shard has nothing to download
+    inputs = {"retrieved": retrieved(tmp_path, urls), "seeds": seeds(tmp_path, image)}
+    manifest = download.run(config(allowed_networks=["127.0.0.1/32"]), inputs, str(tmp_path / "out"))
+
+    assert manifest.rows_in == len(urls) + 1 == manifest.rows_out + manifest.rows_rejected
+    rejected = {r["id"]: r for r in manifest.rejected_table().to_pylist()}
+    assert {i: r["reason"] for i, r in rejected.items()} == {
+        "missing": "http_404",
+        "html": "not_an_image",
+        "tiny": "too_small",
+        "opted-out": "opted_out",
+        "redirect-metadata": "unsafe_redirect",
+        "redirect-elsewhere": "unsafe_redirect",
+        "dead": "connection_error",
+        "metadata": "unsafe_address",
+        "ftp": "unsupported_scheme",
+    }
+    assert all(r["stage"] == "download" and r["detail"] for r in rejected.values())
+    assert manifest.rejections == dict(sorted(Counter(r["reason"] for r in rejected.values()).items()))
+    assert web_elsewhere.requests == []  # the guard ran inside img2dataset's spawned worker
+    assert manifest.notes == {"passed_through_with_image": 1}
+    assert [s["name"] for s in manifest.shards] == ["laion_retrieval-part-00000", "hub_load-part-00000"]
+
+    rows = {r["id"]: r for _, t in manifest.iter_shards() for r in t.to_pylist()}
+    assert sorted(rows) == ["good", "redirect-good", "seed-with-image"]
+    passed = rows["seed-with-image"]
+    assert passed["image"] == image and (passed["width"], passed["height"]) == (40, 30)
+    assert passed["origin"] == "folder:seed.jpg" and passed["source_caption"] == "a seed"
+    for row_id in ("good", "redirect-good"):
+        row = rows[row_id]
+        decoded = Image.open(io.BytesIO(row["image"]))
+        assert decoded.format == "JPEG" and decoded.size == (120, 90) == (row["width"], row["height"])
+    assert rows["good"]["origin"] == "retrieval" and rows["good"]["source_caption"] == "caption of good"
+    assert rows["good"]["similarity"] == pytest.approx(0.5) and rows["good"]["query"] == "prompt:a test"
+
+
+def test_without_allowed_networks_loopback_urls_are_refused_before_download(tmp_path, web, isolated_guard, monkeypatch):
+    fetched = []
+    monkeypatch.setattr(download, "fetch", lambda urls, cfg: fetched.append(urls) or {})
+    urls = {"good": web.url("/good.jpg"), "redirect": web.redirect("http://169.254.169.254/"),
+            "localhost": web.url("/good.jpg").replace("127.0.0.1", "localhost"), "ipv6": "http://[::1]:9/a.jpg"}
+    inputs = {"retrieved": retrieved(tmp_path, urls), "seeds": seeds(tmp_path, seed_jpeg(), web.url("/tiny.jpg"))}
+    manifest = download.run(config(allowed_networks=[]), inputs, str(tmp_path / "out"))
+    assert manifest.rejections == {"unsafe_address": 5}
+    assert manifest.rows_out == 1 and manifest.rows_in == 6  # only the seed that carries its image
+    assert fetched == [] and web.requests == []  # img2dataset never ran, nothing was requested
+
+
+@pytest.mark.parametrize(
+    "message, reason",
+    [
+        ("HTTP Error 404: Not Found", "http_404"),
+        ("HTTP Error 503: Service Unavailable", "http_503"),
+        ("<urlopen error [Errno 111] Connection refused>", "connection_error"),
+        ("<urlopen error refused http://10.0.0.1/: unsafe_address: 10.0.0.1 resolves to 10.0.0.1>", "unsafe_address"),
+        ("<urlopen error unsafe redirect to http://169.254.169.254/: unsafe_address: ...>", "unsafe_redirect"),
+        ("The read operation timed out", "timeout"),
+        ("image too small", "too_small"),
+        ("aspect ratio too large", "bad_aspect_ratio"),
+        ("image area too large", "too_large"),
+        ("Image decoding error", "not_an_image"),
+        ("Use of image disallowed by X-Robots-Tag directive", "opted_out"),
+        ("<urlopen error [Errno -2] Name or service not known>", "dns_failure"),
+        ("something new", "download_error"),
+        (None, "download_error"),
+    ],
+)
+def test_failure_reasons(message, reason):
+    assert download.failure_reason(message) == reason
