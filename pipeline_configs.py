@@ -278,6 +278,7 @@ class PipelineConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     kubeflow: KubeflowConfig = field(default_factory=KubeflowConfig)
+    allow_pickle_weights: bool = False  # torch stages: also load pickle checkpoints (they can run code); safetensors only when false
     shard_groups: int = 8  # per-image stages fan out into this many parallel tasks (pods), each every n-th shard
     kubeflow_host: str = ""
     embedded_assets: str = ""  # folder of generated seeds, pool and tiny models (embedded preset only)

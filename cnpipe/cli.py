@@ -5,11 +5,14 @@ This is what the kfp component runs in the stage's family interpreter, locally a
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import sys
 from typing import Callable
 
-from cnpipe.dataset import Manifest, StageOutput, load_output
+from cnpipe.dataset import ContractError, Manifest, StageOutput, load_output
+
+_UNWRITABLE = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.ENOTDIR}
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
@@ -49,6 +52,12 @@ def main(stage: str, run: Callable[..., "Manifest | dict"], argv: list[str] | No
     except pipeline_configs.ConfigError as err:
         print(f"{stage}: bad config: {err}", file=sys.stderr)
         return 2
+    if config.allow_pickle_weights:  # read by cnpipe.torch_models in this process and its children
+        import os
+
+        from cnpipe.torch_models import ALLOW_PICKLE_ENV
+
+        os.environ[ALLOW_PICKLE_ENV] = "1"
     if args.part:
         from cnpipe import stage as stage_loop
 
@@ -58,7 +67,20 @@ def main(stage: str, run: Callable[..., "Manifest | dict"], argv: list[str] | No
     for item in args.input:
         name, _, uri = item.partition("=")
         inputs[name] = load_output(uri)
-    result = run(config, inputs, args.output)
+    try:
+        result = run(config, inputs, args.output)
+    except OSError as err:
+        if err.errno in _UNWRITABLE:
+            print(f"{stage}: cannot write its output under {args.output}: {err.strerror} ({err.filename or 'storage'}); "
+                  "committed shards are intact, rerun once the location is writable", file=sys.stderr)
+            return 3
+        if type(err).__name__ == "PickleWeightsRefused":
+            print(f"{stage}: {err}", file=sys.stderr)
+            return 2
+        raise
+    except (pipeline_configs.ConfigError, ContractError) as err:
+        print(f"{stage}: {err}", file=sys.stderr)
+        return 2
     if isinstance(result, dict):  # not a row dataset: its summary marks the output finished (load_output)
         from cnpipe import storage
 

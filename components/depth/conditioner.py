@@ -18,11 +18,11 @@ class DepthConditioner:
         import torch
         from transformers import AutoImageProcessor, AutoModelForDepthEstimation
 
-        from cnpipe.torch_models import pick_device
+        from cnpipe.torch_models import load_pretrained, pick_device
 
         self.torch = torch
         self.device = pick_device(config.depth_device)
-        self.model = AutoModelForDepthEstimation.from_pretrained(config.depth_model, use_safetensors=True).to(self.device).eval()
+        self.model = load_pretrained(AutoModelForDepthEstimation, config.depth_model).to(self.device).eval()
         self.processor = AutoImageProcessor.from_pretrained(config.depth_model)
 
     def __call__(self, rgb: np.ndarray) -> np.ndarray:

@@ -16,8 +16,10 @@ class LatentEncoder:
 
         self.torch = torch
         self.device = device
-        vae = AutoencoderKL.from_pretrained(
-            base_model.path, subfolder="vae", revision=base_model.revision or None, use_safetensors=True,
+        from cnpipe.torch_models import load_pretrained
+
+        vae = load_pretrained(
+            AutoencoderKL, base_model.path, subfolder="vae", revision=base_model.revision or None,
             torch_dtype=torch.float32,  # fp32 even on GPUs: SD VAEs can overflow in fp16
             low_cpu_mem_usage=False,  # the image carries no accelerate
         )

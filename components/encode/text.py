@@ -16,18 +16,18 @@ class TextEncoder:
         import torch
         from transformers import AutoTokenizer, CLIPTextModel, T5EncoderModel
 
+        from cnpipe.torch_models import load_pretrained
+
         self.torch = torch
         self.device = device
         if base_model.text_encoder == "clip":
             revision = base_model.revision or None
             self.tokenizer = AutoTokenizer.from_pretrained(base_model.path, subfolder="tokenizer", revision=revision)
-            model = CLIPTextModel.from_pretrained(
-                base_model.path, subfolder="text_encoder", revision=revision, use_safetensors=True
-            )
+            model = load_pretrained(CLIPTextModel, base_model.path, subfolder="text_encoder", revision=revision)
             self.use_attention_mask = False  # SD's CLIP encoder attends to the padding, as in its training
         elif base_model.text_encoder == "t5":
             self.tokenizer = AutoTokenizer.from_pretrained(base_model.t5_model)
-            model = T5EncoderModel.from_pretrained(base_model.t5_model, use_safetensors=True)
+            model = load_pretrained(T5EncoderModel, base_model.t5_model)
             self.use_attention_mask = True
         else:
             raise ValueError(

@@ -46,11 +46,13 @@ def load_pipeline(base_model, controlnet_folder: str, device: str):
     from diffusers import ControlNetModel, StableDiffusionControlNetPipeline
 
     dtype = torch.float16 if device == "cuda" else torch.float32
-    controlnet = ControlNetModel.from_pretrained(
-        controlnet_folder, use_safetensors=True, torch_dtype=dtype, low_cpu_mem_usage=False  # no accelerate in the image
+    from cnpipe.torch_models import load_pretrained
+
+    controlnet = load_pretrained(
+        ControlNetModel, controlnet_folder, torch_dtype=dtype, low_cpu_mem_usage=False  # no accelerate in the image
     )
-    pipeline = StableDiffusionControlNetPipeline.from_pretrained(
-        base_model.path,
+    pipeline = load_pretrained(
+        StableDiffusionControlNetPipeline, base_model.path,
         revision=base_model.revision or None,
         controlnet=controlnet,
         text_encoder=None,  # prompts arrive as prompt_embeds from encode's TextEncoder
@@ -58,7 +60,6 @@ def load_pipeline(base_model, controlnet_folder: str, device: str):
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
-        use_safetensors=True,
         torch_dtype=dtype,
         low_cpu_mem_usage=False,
     )

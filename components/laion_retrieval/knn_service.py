@@ -19,8 +19,10 @@ class ClipTextEmbedder:
         import torch
         from transformers import CLIPModel, CLIPTokenizer
 
+        from cnpipe.torch_models import load_pretrained
+
         self.torch = torch
-        self.model = CLIPModel.from_pretrained(model_id, use_safetensors=True).eval()
+        self.model = load_pretrained(CLIPModel, model_id).eval()
         self.tokenizer = CLIPTokenizer.from_pretrained(model_id)
 
     def __call__(self, text: str):
