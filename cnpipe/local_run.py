@@ -132,7 +132,9 @@ class _DropExecutorDump(io.TextIOBase):
 
 @contextlib.contextmanager
 def quiet_kfp_logs():
-    root, stdout = logging.getLogger(), sys.stdout
+    import builtins
+
+    root, stdout, original_print = logging.getLogger(), sys.stdout, builtins.print
     keep = _KeepStageLines()
     root.addFilter(keep)
     sys.stdout = _DropExecutorDump(stdout)
@@ -142,6 +144,9 @@ def quiet_kfp_logs():
             warnings.filterwarnings("ignore", message=".*custom or non-Python base image.*")
             yield
     finally:
+        # kfp.local indents task output by swapping builtins.print per task; tasks of a ParallelFor run in
+        # threads, so the swaps interleave and one can outlive the run.
+        builtins.print = original_print
         sys.stdout = stdout
         root.removeFilter(keep)
 
