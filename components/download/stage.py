@@ -113,6 +113,7 @@ def fetch(urls: list[tuple[str, str]], cfg) -> dict[str, dict]:
                 processes_count=cfg.processes_count, encode_format=cfg.encode_format, encode_quality=cfg.encode_quality,
                 user_agent_token=cfg.user_agent_token, disallowed_header_directives=cfg.disallowed_header_directives,
                 incremental_mode="incremental", enable_wandb=False, compute_hash=None, extract_exif=False,
+                distributor=cfg.distributor,
             )
         rows: dict[str, dict] = {}
         for path in sorted(glob.glob(f"{tmp}/out/*.parquet")):
@@ -161,8 +162,19 @@ def download_shard(table: pa.Table, cfg, policy: UrlPolicy) -> ShardResult:
     return ShardResult(pa.table(out, schema=IMAGE_SCHEMA), rejects, notes)
 
 
+DISTRIBUTORS = ("multiprocessing", "pyspark", "ray")
+
+
 def run(config, inputs: dict[str, Manifest], output_uri: str) -> Manifest:
     cfg = config.download
+    if cfg.distributor not in DISTRIBUTORS:
+        from pipeline_configs import ConfigError
+
+        raise ConfigError(f"download.distributor must be one of {', '.join(DISTRIBUTORS)}, got {cfg.distributor!r}")
+    if cfg.distributor != "multiprocessing":
+        # img2dataset ships its downloader to the cluster's executors, which never import our guard.
+        print(f"download: distributor {cfg.distributor!r} runs img2dataset on your cluster's executors; the private-address "
+              "guard covers this process only, so restrict the executors' egress with a network policy", file=sys.stderr)
     policy = UrlPolicy(cfg.allow_file_urls, list(cfg.allowed_networks))
     os.environ[ENV_VAR] = policy.to_env()  # for the guard in img2dataset's spawned workers
     from components.download import url_guard

@@ -158,3 +158,14 @@ def test_without_allowed_networks_loopback_urls_are_refused_before_download(tmp_
 )
 def test_failure_reasons(message, reason):
     assert download.failure_reason(message) == reason
+
+
+def test_unknown_distributor_is_refused_before_any_download(tmp_path):
+    import pipeline_configs
+    from components.download import stage
+
+    cfg = pipeline_configs.embedded()
+    cfg.download.distributor = "dask"
+    with pytest.raises(pipeline_configs.ConfigError, match="download.distributor"):
+        stage.run(cfg, {}, str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
