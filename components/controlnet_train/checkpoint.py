@@ -1,0 +1,70 @@
+"""Orbax checkpoints of the whole train state plus a JSON record of what it belongs to.
+
+Item "state": params, optimizer state, EMA, step, RNG key, first non-finite step (arrays, saved
+asynchronously while training goes on). Item "meta": the data position, the model fingerprint
+and the data fingerprint. Orbax publishes a step only once all of it is written, so a run killed
+mid-save resumes from the previous complete step. Refusing a checkpoint of another model happens
+before any array is read.
+"""
+from __future__ import annotations
+
+import os
+
+from components.controlnet_train.model import fingerprint_differences
+
+
+class ResumeError(RuntimeError):
+    """The output folder holds checkpoints this run must not continue from."""
+
+
+def _directory(uri: str) -> str:
+    return uri if "://" in uri else os.path.abspath(uri)
+
+
+class Checkpoints:
+    def __init__(self, uri: str, keep: int):
+        import orbax.checkpoint as ocp
+
+        self.ocp = ocp
+        self.directory = _directory(uri)
+        options = ocp.CheckpointManagerOptions(max_to_keep=max(keep, 1), create=True, enable_async_checkpointing=True)
+        self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "meta"))
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def path(self, step: int) -> str:
+        return f"{self.directory}/{step}"
+
+    def save(self, step: int, state, meta: dict) -> None:
+        args = self.ocp.args
+        self.manager.save(step, args=args.Composite(state=args.StandardSave(state), meta=args.JsonSave(meta)), force=True)
+
+    def read_meta(self, step: int) -> dict:
+        args = self.ocp.args
+        return self.manager.restore(step, args=args.Composite(meta=args.JsonRestore()))["meta"]
+
+    def check_compatible(self, step: int, model_fingerprint: dict) -> dict:
+        """The checkpoint's meta, after checking it was made for this very model."""
+        meta = self.read_meta(step)
+        differences = fingerprint_differences(meta["fingerprint"], model_fingerprint)
+        if differences:
+            raise ResumeError(
+                f"{self.path(step)} was written for another model configuration; refusing to resume. "
+                f"Differences: {'; '.join(differences)}. Use a new output folder or restore the old settings."
+            )
+        return meta
+
+    def restore(self, step: int, like):
+        """The saved state, placed with the shardings of `like` (a state of the same structure)."""
+        import jax
+
+        abstract = jax.tree.map(self.ocp.utils.to_shape_dtype_struct, like)
+        args = self.ocp.args
+        return self.manager.restore(step, args=args.Composite(state=args.StandardRestore(abstract)))["state"]
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.close()
