@@ -17,12 +17,22 @@ class ResumeError(RuntimeError):
     """The output folder holds checkpoints this run must not continue from."""
 
 
+def follow_storage_emulator() -> None:
+    """gcsfs and google-cloud-storage honour STORAGE_EMULATOR_HOST; orbax writes gs:// through tensorstore,
+    which reads its own variables, so point those at the same emulator (which accepts any token)."""
+    host = os.environ.get("STORAGE_EMULATOR_HOST")
+    if host:
+        os.environ.setdefault("TENSORSTORE_GCS_HTTP_URL", host if "://" in host else f"http://{host}")
+        os.environ.setdefault("GOOGLE_AUTH_TOKEN_FOR_TESTING", "storage-emulator")
+
+
 def _directory(uri: str) -> str:
     return uri if "://" in uri else os.path.abspath(uri)
 
 
 class Checkpoints:
     def __init__(self, uri: str, keep: int):
+        follow_storage_emulator()
         import orbax.checkpoint as ocp
 
         self.ocp = ocp
