@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import hashlib
 import io
 import json
 import logging
@@ -35,7 +36,7 @@ def _run_python(family: str, *args: str) -> None:
     subprocess.run([family_python(family), *args], check=True, env=env, cwd=REPO_ROOT)
 
 
-def prepare_embedded(config, run_dir: pathlib.Path):
+def prepare_embedded(config, run_root: str, run_dir: pathlib.Path):
     """Assets, tiny models and the local web service; returns (config with the service URL, web process)."""
     import pipeline_configs
 
@@ -45,21 +46,32 @@ def prepare_embedded(config, run_dir: pathlib.Path):
     _run_python("vision", "-m", "cnpipe.embedded.tiny_models", f"{assets}/models")
     _run_python("vision", "-m", "cnpipe.embedded.tiny_sd", f"{assets}/models")
     _run_python("vision", "-m", "components.depth.tiny_model", f"{assets}/models")
+    # The retrieved URLs name the service's port, so a resumed run serves on the port it used before
+    # (remembered on the storage root beside the run's outputs).
+    remembered = storage.join(run_root, "_embedded", "local_web.json")
+    previous = storage.read_json(remembered).get("port", 0) if storage.exists(remembered) else 0
     ready = run_dir / "local_web.json"
-    previous = json.loads(ready.read_text()) if ready.exists() else {}
-    ready.unlink(missing_ok=True)
-    web = subprocess.Popen(
-        [family_python("vision"), "-m", "cnpipe.embedded.local_web", "--assets", assets,
-         "--clip-model", config.clip_embed.model, "--indice-name", config.retrieval.indice_name,
-         "--ready-file", str(ready), "--port", str(previous.get("port", 0))],
-        env={**os.environ, "PYTHONPATH": str(REPO_ROOT)}, cwd=REPO_ROOT,
-    )
-    deadline = time.time() + 300
-    while not ready.exists():
-        if web.poll() is not None or time.time() > deadline:
-            web.kill()
-            raise RuntimeError("the embedded web/kNN service did not start (see its log above)")
-        time.sleep(0.2)
+    web = None
+    for port in dict.fromkeys([previous, 0]):
+        ready.unlink(missing_ok=True)
+        web = subprocess.Popen(
+            [family_python("vision"), "-m", "cnpipe.embedded.local_web", "--assets", assets,
+             "--clip-model", config.clip_embed.model, "--indice-name", config.retrieval.indice_name,
+             "--ready-file", str(ready), "--port", str(port)],
+            env={**os.environ, "PYTHONPATH": str(REPO_ROOT)}, cwd=REPO_ROOT,
+        )
+        deadline = time.time() + 300
+        while not ready.exists() and web.poll() is None and time.time() < deadline:
+            time.sleep(0.2)
+        if ready.exists():
+            break
+        web.kill()
+        if port:
+            print(f"port {port} of the earlier attempt is taken: serving on a new one (URLs retrieved before may now "
+                  "fail to download and are counted as such)", file=sys.stderr)
+    else:
+        raise RuntimeError("the embedded web/kNN service did not start (see its log above)")
+    storage.write_bytes_atomic(remembered, ready.read_bytes())
     knn_url = json.loads(ready.read_text())["knn_url"]
     return pipeline_configs.with_overrides(config, [f"retrieval.service_url={knn_url}"]), web
 
@@ -160,11 +172,13 @@ def run(config, build_pipeline, run_id: str | None = None) -> int:
 
     config = pipeline_configs.with_overrides(config, [f"storage.root={root}"])
     run_root = storage.join(root, run_id)
-    local_dir = pathlib.Path(run_root if "://" not in run_root else REPO_ROOT / ".cache" / "kfp" / run_id)
+    # kfp.local's own artifacts stay on this machine; beside the outputs when those are local too
+    remote_key = hashlib.sha1(run_root.encode()).hexdigest()[:12]
+    local_dir = pathlib.Path(run_root if "://" not in run_root else REPO_ROOT / ".cache" / "kfp" / remote_key)
     local_dir.mkdir(parents=True, exist_ok=True)
     web = None
     if config.embedded_assets:
-        config, web = prepare_embedded(config, local_dir)
+        config, web = prepare_embedded(config, run_root, local_dir)
     print(f"run {run_id}: outputs under {run_root}", file=sys.stderr)
     started = time.time()
     try:
