@@ -88,7 +88,11 @@ def test_same_rows_per_stage_with_storage_on_a_gcs_emulator(finished_run, monkey
     import os
     import socket
 
+    import logging
+
     from gcp_storage_emulator.server import create_server
+
+    logging.getLogger("gcp_storage_emulator").setLevel(logging.CRITICAL)  # it logs every 404 of an existence check
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -98,7 +102,8 @@ def test_same_rows_per_stage_with_storage_on_a_gcs_emulator(finished_run, monkey
     try:
         emulator = {"STORAGE_EMULATOR_HOST": f"http://127.0.0.1:{port}", "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false"}
         # one shard group here (the local run uses the default two): rows must not depend on the fan-out either
-        stdout = run_pipeline("gs://cnpipe-test/runs", "gcs", {**os.environ, **emulator}, "--set", "shard_groups=1")
+        stdout = run_pipeline("gs://cnpipe-test/runs", "gcs", {**os.environ, **emulator}, "--set", "shard_groups=1",
+                              "--set", "train.checkpoint_every=6")
         for key, value in emulator.items():
             monkeypatch.setenv(key, value)
         on_gcs = rows_per_stage("gs://cnpipe-test/runs/gcs")
