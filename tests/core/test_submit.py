@@ -79,7 +79,9 @@ def test_submit_sends_the_compiled_pipeline_with_config_as_a_parameter_and_token
     assert run["display_name"] == "nightly" and run["experiment_id"] == "exp-1"
     params = run["runtime_config"]["parameters"]
     assert params["run_id"] == "r1" and json.loads(params["config_json"])["name"] == "production"
-    spec = run["pipeline_spec"]
+    # with Kubernetes settings the client sends {"pipeline_spec": ..., "platform_spec": ...}
+    spec, platform = run["pipeline_spec"]["pipeline_spec"], run["pipeline_spec"]["platform_spec"]
+    assert "secretAsEnv" in json.dumps(platform) and "google.com/tpu" in json.dumps(spec)
     executors = spec["deploymentSpec"]["executors"]
     assert {e["container"]["image"].split("/")[-1].split(":")[0] for e in executors.values()} >= {"controlnet-core", "controlnet-vision"}
     for request in fake.requests:
@@ -94,7 +96,7 @@ def test_host_from_environment_and_caching_on_by_default():
     done = submit(env_extra={"KF_PIPELINES_ENDPOINT": fake.url})
     assert done.returncode == 0, done.stderr
     (run,) = [r["body"] for r in fake.requests if r["path"].startswith("/apis/v2beta1/runs")]
-    assert all(t["cachingOptions"]["enableCache"] for t in run["pipeline_spec"]["root"]["dag"]["tasks"].values())
+    assert all(t["cachingOptions"]["enableCache"] for t in run["pipeline_spec"]["pipeline_spec"]["root"]["dag"]["tasks"].values())
 
 
 def test_failed_auth_is_one_clear_line():
