@@ -15,7 +15,12 @@ LIGHT = ["--set", "train.max_steps=6", "--set", "train.checkpoint_every=3", "--s
          "--set", "evaluate.num_samples=2"]
 
 
+# Both runs train the same tiny model: the second reuses the first's compiled step.
+JAX_CACHE = {"JAX_COMPILATION_CACHE_DIR": str(__import__("tempfile").gettempdir() + "/cnpipe-e2e-jax-cache")}
+
+
 def run_pipeline(root: str, run_id: str, env: dict | None = None, *extra: str) -> str:
+    env = {**(env or __import__("os").environ), **JAX_CACHE}
     argv = [sys.executable, "pipeline.py", "run", "--run-id", run_id, "--set", f"storage.root={root}", *LIGHT, *extra]
     done = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=900, env=env)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
