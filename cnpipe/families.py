@@ -5,10 +5,12 @@ interpreter is named by CNPIPE_PYTHON_<FAMILY> or is the current one.
 """
 from __future__ import annotations
 
+import json
 import os
 import pathlib
 import subprocess
 import sys
+import time
 
 from cnpipe.dataset import Manifest, StageOutput, load_output
 from components.registry import STAGES
@@ -39,6 +41,16 @@ def stage_command(stage: str, config_json: str, inputs: dict[str, str], output_u
     return argv
 
 
+def _record_timing(stage: str, part: str, family: str, started: float, returncode: int) -> None:
+    """With CNPIPE_STAGE_TIMINGS=<file>, append one JSON line per stage subprocess (bench/end_to_end.py reads
+    them to tell a stage's own time from the orchestrator's overhead around it)."""
+    path = os.environ.get("CNPIPE_STAGE_TIMINGS")
+    if path:
+        with open(path, "a") as f:
+            f.write(json.dumps({"stage": stage, "part": part, "family": family, "start": started, "end": time.time(),
+                                "returncode": returncode}) + "\n")
+
+
 def run_stage(stage: str, config_json: str, inputs: dict[str, str], output_uri: str, part: str = "",
               family: str = "") -> "Manifest | StageOutput":
     """Run one stage in its family's interpreter and return what it left. `part` ("i/n") runs one shard
@@ -49,7 +61,9 @@ def run_stage(stage: str, config_json: str, inputs: dict[str, str], output_uri: 
     if family:
         env["CNPIPE_FAMILY"] = family
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
+    started = time.time()
     completed = subprocess.run(argv, env=env)
+    _record_timing(stage, part, family, started, completed.returncode)
     if completed.returncode != 0:
         raise StageFailed(f"stage {stage} exited with status {completed.returncode} ({argv[0]})")
     if part:

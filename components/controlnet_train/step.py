@@ -118,7 +118,11 @@ def make_train_step(loss_fn, tx, schedule, settings: StepSettings, mesh):
             return jax.tree.map(jnp.add, carry, (loss, grads)), None
 
         zero = (jnp.float32(0), jax.tree.map(jnp.zeros_like, params))
-        (loss, grads), _ = jax.lax.scan(accumulate, zero, (jnp.arange(k), jax.tree.map(micro_batches, batch)))
+        # XLA:CPU computes convolution weight gradients inside a while loop ~30x slower than outside one
+        # (a bare conv stack: 9.9 ms vs 0.3 ms; the tests' step with k=2: 3x slower). On CPU the k
+        # micro-batches are unrolled (compile time grows with k); accelerators keep the loop.
+        unroll = k if jax.default_backend() == "cpu" else 1
+        (loss, grads), _ = jax.lax.scan(accumulate, zero, (jnp.arange(k), jax.tree.map(micro_batches, batch)), unroll=unroll)
         return loss / k, jax.tree.map(lambda g: g / k, grads)
 
     def step(state: TrainState, unet_params, batch):

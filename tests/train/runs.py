@@ -1,4 +1,4 @@
-"""Helpers of the training tests: configs on the tiny base, and the stage run as a real subprocess."""
+"""Helpers of the training tests: configs on the test base, and the stage run as a real subprocess."""
 from __future__ import annotations
 
 import json
@@ -7,18 +7,33 @@ import pathlib
 import subprocess
 import sys
 
+from base_model import CONDITIONING_CHANNELS, RESOLUTION
+
 REPO = pathlib.Path(__file__).resolve().parents[2]
 # XLA flags of every test run (see conftest): unoptimised LLVM code generation, about half the compile time.
 FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+# One configuration for every multi-device process run (resume after SIGKILL, multi-host), so they share
+# one uninterrupted reference and one compiled step: caption dropout, EMA and LR warm-up make every piece
+# of state (data position, RNG, optimizer, EMA) matter on resume. 8 rows per step (2 per device) over
+# 16 training rows: 4 epochs, so epoch boundaries are crossed.
+PROCESS_RUN = dict(max_steps=8, global_batch_size=8, caption_dropout=0.3, checkpoint_every=2, log_every=2,
+                   ema_decay=0.9, learning_rate=1e-3, warmup_steps=3)
+PROCESS_RUN_DATA = dict(rows=20, rows_per_shard=6, holdout_fraction=0.2)
+# The step of every in-process run (overfitting, divergence): one compiled program, shared through the
+# on-disk cache (a constant learning rate leaves max_steps out of it). Gradient checkpointing on, so
+# the stage's remat switch is exercised end to end.
+IN_PROCESS_STEP = dict(global_batch_size=4, learning_rate=1e-2, lr_schedule="constant", warmup_steps=0, ema_decay=0.9,
+                       gradient_checkpointing=True)
 
 
 def make_config(base_path: str, **train):
-    """The embedded preset on the tiny base; `train` overrides TrainConfig fields."""
+    """The embedded preset on the test base at its resolution; `train` overrides TrainConfig fields."""
     import pipeline_configs
 
     config = pipeline_configs.embedded()
     config.base_model.path = base_path
-    defaults = dict(validation_rows=0, log_every=1, checkpoint_every=1000)
+    config.encode.resolution = RESOLUTION
+    defaults = dict(validation_rows=0, log_every=1, checkpoint_every=1000, conditioning_embedding_out_channels=CONDITIONING_CHANNELS)
     for key, value in {**defaults, **train}.items():
         if not hasattr(config.train, key):
             raise KeyError(key)
@@ -26,23 +41,31 @@ def make_config(base_path: str, **train):
     return config
 
 
+def devices_env(count: int, **extra: str) -> dict:
+    """Environment of a stage process with `count` virtual CPU devices (and the tests' XLA flags)."""
+    return {"XLA_FLAGS": f"{FAST_COMPILE} --xla_force_host_platform_device_count={count}", **extra}
+
+
+def hosts_env(count: int, process_id: int, port: int, devices: int) -> dict:
+    """Environment of host `process_id` of a `count`-process run on this machine, `devices` CPU devices each."""
+    return devices_env(devices, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_PROCESS_ID=str(process_id),
+                       JAX_NUM_PROCESSES=str(count))
+
+
 def stage_command(config, encoded_uri: str, output_uri: str) -> list[str]:
     return [sys.executable, "-m", "components.controlnet_train", "--config-json", config.to_json(),
             "--input", f"encoded={encoded_uri}", "--output", output_uri]
 
 
-def start_stage(config, encoded_uri: str, output_uri: str, env: dict | None = None, log: pathlib.Path | None = None) -> subprocess.Popen:
-    out = open(log, "wb") if log else subprocess.DEVNULL
-    return subprocess.Popen(stage_command(config, encoded_uri, output_uri), cwd=REPO, env={**os.environ, **(env or {})},
-                            stdout=out, stderr=subprocess.STDOUT)
+def start_stage(config, encoded_uri: str, output_uri: str, env: dict, log: pathlib.Path) -> subprocess.Popen:
+    with open(log, "wb") as out:  # the child keeps its own copy of the descriptor
+        return subprocess.Popen(stage_command(config, encoded_uri, output_uri), cwd=REPO, env={**os.environ, **env},
+                                stdout=out, stderr=subprocess.STDOUT)
 
 
-def finish(process: subprocess.Popen, log: pathlib.Path | None, timeout: float = 240) -> None:
-    code = process.wait(timeout=timeout)
-    if code != 0:
-        tail = log.read_text()[-4000:] if log else ""
-        raise AssertionError(f"stage exited with {code}:\n{tail}")
+def logged(output_dir: pathlib.Path) -> list[dict]:
+    return [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 def logged_losses(output_dir: pathlib.Path) -> list[float]:
-    return [json.loads(line)["loss"] for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+    return [record["loss"] for record in logged(output_dir)]

@@ -15,6 +15,8 @@ from cnpipe import splits, storage
 from cnpipe.dataset import ShardedOutput, ShardResult
 from cnpipe.tensors import to_bf16_bytes
 
+from base_model import RESOLUTION, TEXT_SHAPE
+
 SCHEMA = pa.schema([
     ("id", pa.string()), ("split", pa.string()), ("caption", pa.string()),
     ("latent", pa.binary()), ("latent_shape", pa.list_(pa.int32())),
@@ -36,7 +38,7 @@ def _control(rng: np.random.Generator, size: int) -> np.ndarray:
     return image
 
 
-def write_encoded(uri: str, rows: int = 24, resolution: int = 64, latent_shape=None, text_shape=(77, 32),
+def write_encoded(uri: str, rows: int = 24, resolution: int = RESOLUTION, latent_shape=None, text_shape=TEXT_SHAPE,
                   rows_per_shard: int = 8, holdout_fraction: float = 0.25, seed: int = 0, nan_latents: bool = False,
                   control_size: int | None = None, with_uncond: bool = True, heldout_rows: int | None = None):
     """Writes the dataset at `uri` and returns its Manifest.

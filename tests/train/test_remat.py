@@ -9,29 +9,31 @@ import re
 
 import numpy as np
 
+from base_model import CONDITIONING_CHANNELS, RESOLUTION, TEXT_SHAPE
 
-def test_rematerialized_blocks_keep_gradients(tiny_sd):
+
+def test_rematerialized_blocks_keep_gradients(base):
     import jax
     import jax.numpy as jnp
 
     from components.controlnet_train import model
     from components.controlnet_train.remat import rematerialized_blocks
 
-    folder, unet_config, scheduler_config, vae_config = model.read_base_configs(tiny_sd)
-    base = model.load_base(folder, unet_config, scheduler_config, vae_config, jnp.float32)
-    controlnet = model.make_controlnet(model.controlnet_config(unet_config, [8, 8, 16, 16]), jnp.float32)
-    params = model.init_controlnet_from_unet(controlnet, base.unet_params, seed=0)
+    folder, unet_config, scheduler_config, vae_config = model.read_base_configs(base)
+    frozen = model.load_base(folder, unet_config, scheduler_config, vae_config, jnp.float32)
+    controlnet = model.make_controlnet(model.controlnet_config(unet_config, CONDITIONING_CHANNELS), jnp.float32)
+    params = model.init_controlnet_from_unet(controlnet, frozen.unet_params, seed=0)
     params["controlnet_mid_block"]["kernel"] = np.full_like(params["controlnet_mid_block"]["kernel"], 0.01)
     rng = np.random.default_rng(0)
-    sample = jnp.asarray(rng.standard_normal((2, 4, 8, 8)), jnp.float32)
-    text = jnp.asarray(rng.standard_normal((2, 77, 32)), jnp.float32)
-    control = jnp.asarray(rng.random((2, 3, 64, 64)), jnp.float32)
+    sample = jnp.asarray(rng.standard_normal((2, 4, RESOLUTION // 8, RESOLUTION // 8)), jnp.float32)
+    text = jnp.asarray(rng.standard_normal((2, *TEXT_SHAPE)), jnp.float32)
+    control = jnp.asarray(rng.random((2, 3, RESOLUTION, RESOLUTION)), jnp.float32)
     timesteps = jnp.array([100, 700])
 
     def loss(p, remat):
         with rematerialized_blocks(remat):
             down, mid = controlnet.apply({"params": p}, sample, timesteps, text, control, return_dict=False)
-            out = base.unet.apply({"params": base.unet_params}, sample, timesteps, text,
+            out = frozen.unet.apply({"params": frozen.unet_params}, sample, timesteps, text,
                                   down_block_additional_residuals=down, mid_block_additional_residual=mid).sample
         return jnp.mean(out**2)
 

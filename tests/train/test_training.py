@@ -11,20 +11,21 @@ import pathlib
 import numpy as np
 import pytest
 
-from runs import logged_losses, make_config
+from base_model import RESOLUTION, TEXT_SHAPE
+from runs import IN_PROCESS_STEP, logged_losses, make_config
 from synthetic import write_encoded
+
+STEPS, LOG_EVERY = 120, 10
 
 
 @pytest.fixture(scope="module")
-def overfit_run(tiny_sd, tmp_path_factory):
+def overfit_run(base, tmp_path_factory):
     from components.controlnet_train.stage import run
 
     root = tmp_path_factory.mktemp("overfit")
     encoded = write_encoded(str(root / "encoded"), rows=6, heldout_rows=2)
-    config = make_config(
-        tiny_sd, max_steps=200, global_batch_size=4, learning_rate=1e-2, lr_schedule="constant", warmup_steps=0,
-        log_every=10, checkpoint_every=200, ema_decay=0.9, validation_rows=2, validation_inference_steps=2,
-    )
+    config = make_config(base, max_steps=STEPS, log_every=LOG_EVERY, checkpoint_every=STEPS, validation_rows=2,
+                         validation_inference_steps=2, **IN_PROCESS_STEP)
     summary = run(config, {"encoded": encoded}, str(root / "train"))
     return root / "train", summary, config
 
@@ -32,9 +33,10 @@ def overfit_run(tiny_sd, tmp_path_factory):
 def test_overfits_one_fixed_batch(overfit_run):
     output, summary, _ = overfit_run
     losses = logged_losses(output)
-    assert len(losses) == 20 and all(np.isfinite(losses))
-    assert np.mean(losses[-3:]) < 0.5 * losses[0], losses
-    assert summary["train_rows"] == 4 and summary["steps"] == 200
+    assert len(losses) == STEPS // LOG_EVERY and all(np.isfinite(losses))
+    # untrained, the loss stays near 1 (the noise's variance); trained, it is about half of that by now
+    assert np.mean(losses[-3:]) < 0.7 * losses[0], losses
+    assert summary["train_rows"] == 4 and summary["steps"] == STEPS
     records = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
     assert {"loss", "grad_norm", "lr", "step_time_s", "images_per_s"} <= set(records[-1])
     assert records[-1]["lr"] == pytest.approx(1e-2)
@@ -44,27 +46,34 @@ def test_validation_images_written(overfit_run):
     from PIL import Image
 
     output, summary, _ = overfit_run
-    folder = output / "validation" / "step_000200"
+    folder = output / "validation" / f"step_{STEPS:06d}"
     names = sorted(p.name for p in folder.iterdir())
     assert names == ["row-0000.png", "row-0001.png"] == sorted(summary["validation"]["images"])
     strip = Image.open(folder / names[0])
-    assert strip.size == (3 * 64, 64)  # control | generated | reference
-    generated = np.asarray(strip)[:, 64:128].astype(float)
+    assert strip.size == (3 * RESOLUTION, RESOLUTION)  # control | generated | reference
+    generated = np.asarray(strip)[:, RESOLUTION : 2 * RESOLUTION].astype(float)
     assert generated.std() > 1.0  # a real decode, not a blank image
 
 
-def _flax_controlnet_output(params, config_json: dict, inputs):
+def _flax_controlnet(config_json: dict):
+    """The Flax ControlNet's residuals as NCHW numpy, one compiled program for every set of params."""
+    import jax
     import jax.numpy as jnp
 
     from components.controlnet_train import model
 
     controlnet = model.make_controlnet(config_json, jnp.float32)
-    down, mid = controlnet.apply({"params": params}, *[jnp.asarray(x) for x in inputs], return_dict=False)
-    # diffusers' Flax ControlNet hands its residuals to the Flax UNet channels-last; PyTorch's are NCHW.
-    return [np.asarray(d).transpose(0, 3, 1, 2) for d in down], np.asarray(mid).transpose(0, 3, 1, 2)
+    apply = jax.jit(lambda params, *inputs: controlnet.apply({"params": params}, *inputs, return_dict=False))
+
+    def output(params, inputs):
+        down, mid = apply(params, *inputs)
+        # diffusers' Flax ControlNet hands its residuals to the Flax UNet channels-last; PyTorch's are NCHW.
+        return [np.asarray(d).transpose(0, 3, 1, 2) for d in down], np.asarray(mid).transpose(0, 3, 1, 2)
+
+    return output
 
 
-def test_pytorch_export_matches_flax(overfit_run, tiny_sd):
+def test_pytorch_export_matches_flax(overfit_run, base):
     import orbax.checkpoint as ocp
     import torch
     from diffusers import ControlNetModel
@@ -73,18 +82,19 @@ def test_pytorch_export_matches_flax(overfit_run, tiny_sd):
 
     output, _, config = overfit_run
     manager = ocp.CheckpointManager(str(output / "checkpoints"), item_names=("state", "meta"))
-    state = manager.restore(200, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
-    unet_config = model.read_config(tiny_sd, "unet")
+    state = manager.restore(STEPS, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
+    unet_config = model.read_config(base, "unet")
     cn_config = model.controlnet_config(unet_config, config.train.conditioning_embedding_out_channels)
     rng = np.random.default_rng(0)
     inputs = (
-        rng.standard_normal((2, 4, 8, 8)).astype(np.float32),
+        rng.standard_normal((2, 4, RESOLUTION // 8, RESOLUTION // 8)).astype(np.float32),
         np.array([10, 800], np.int32),
-        rng.standard_normal((2, 77, 32)).astype(np.float32),
-        rng.random((2, 3, 64, 64)).astype(np.float32),
+        rng.standard_normal((2, *TEXT_SHAPE)).astype(np.float32),
+        rng.random((2, 3, RESOLUTION, RESOLUTION)).astype(np.float32),
     )
+    flax_controlnet = _flax_controlnet(cn_config)
     for folder, params in (("controlnet_raw", state["params"]), ("controlnet", state["ema_params"])):
-        flax_down, flax_mid = _flax_controlnet_output(params, cn_config, inputs)
+        flax_down, flax_mid = flax_controlnet(params, inputs)
         assert np.abs(flax_mid).max() > 1e-2  # trained zero-convolutions: the comparison can fail
         pt = ControlNetModel.from_pretrained(str(output / folder), use_safetensors=True).eval()
         with torch.no_grad():

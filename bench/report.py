@@ -1,0 +1,146 @@
+"""Combine bench/results/*.json into one Markdown section (for the README's "Performance").
+
+    python bench/report.py [--output bench/results/report.md]
+
+Standard library only: any of the family interpreters runs it. Targets: every speed ratio (ours ÷ the plain
+reference, as throughput, from the same run) >= 1.0; peak RSS at 10x data < 1.5x that at 1x.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import sys
+
+RESULTS = pathlib.Path(__file__).resolve().parent / "results"
+ORDER = ["conditioning", "download", "clip_blip", "memory", "end_to_end"]
+
+
+def met(ok: bool) -> str:
+    return "yes" if ok else "**no**"
+
+
+def table(headers: list[str], rows: list[list]) -> list[str]:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(f"{c:.2f}" if isinstance(c, float) else str(c) for c in row) + " |" for row in rows]
+    return lines + [""]
+
+
+def conditioning(r: dict) -> list[str]:
+    out = [f"**Conditioning** (`bench/conditioning.py`): {r['images']} images (mean {r['mean_kpixels']:.0f} kpx), "
+           f"our stage with {r['workers']} workers vs a single-process loop on pre-decoded arrays "
+           f"(cv2.Canny; one MediaPipe Pose); best of {r['repeats']}, images/s. *Row work* = the same loop plus "
+           f"decoding the stored bytes and PNG-encoding the control, which the stage must do. Fixed cost of one stage "
+           f"run (process pool, one MediaPipe graph per worker): {r['fixed_cost_s']:.1f} s.", ""]
+    rows = []
+    for label, e in r["results"].items():
+        ratio = e["ratio_vs_reference"]
+        rows.append([label, e["ours"]["best_per_s"], e["reference"]["best_per_s"], e["row work"]["best_per_s"],
+                     f"{ratio['best']:.2f} / {ratio['median']:.2f}", f"{e['ratio_vs_row_work']['best']:.2f}",
+                     " / ".join(f"{e[side].get('cpu_ms_per_item', float('nan')):.1f}" for side in ("ours", "reference", "row work")),
+                     met(ratio["best"] >= 1.0)])
+    return out + table(["types", "ours img/s", "reference img/s", "row work img/s", "ratio best / median", "ratio vs row work",
+                        "CPU ms/img ours / ref / row work", "≥ 1.0"], rows)
+
+
+def download(r: dict) -> list[str]:
+    out = [f"**Download** (`bench/download.py`): {r['urls']} URLs ({r['distinct_images']} distinct JPEGs of 512–1024 px, mean "
+           f"{r['mean_kb']:.0f} kB) from a loopback server; `python -m components.download` vs the `img2dataset` command, "
+           f"same settings (image_size {r['image_size']} {r['resize_mode']}, {r['threads']} threads, {r['processes']} "
+           f"process(es)); whole commands timed, best of {r['repeats']}.", ""]
+    res, speed = r["results"], r["speed_ratio"]
+    rows = [["ours", res["ours"]["best_s"], res["ours"]["best_per_s"], sorted(set(r["downloaded"]["ours"]))],
+            ["img2dataset", res["img2dataset"]["best_s"], res["img2dataset"]["best_per_s"], sorted(set(r["downloaded"]["img2dataset"]))]]
+    out += table(["command", "wall s (best)", "images/s", "downloaded"], rows)
+    return out + [f"Overhead ratio (ours ÷ img2dataset wall time): {r['overhead_ratio']['best']:.3f} best, "
+                  f"{r['overhead_ratio']['median']:.3f} median; speed ratio {speed['best']:.3f} / {speed['median']:.3f} "
+                  f"(≥ 1.0: {met(speed['best'] >= 1.0)}); CPU time ours ÷ img2dataset "
+                  f"{res['ours']['cpu_median_s'] / res['img2dataset']['cpu_median_s']:.3f} (median).", ""]
+
+
+def clip_blip(r: dict) -> list[str]:
+    out = [f"**CLIP embed / BLIP caption** (`bench/clip_blip.py`): our stages (batched) vs a plain transformers loop at "
+           f"batch 1 on the same images, model loading included on both sides, {r['torch_threads']} torch threads, best "
+           f"of {r['repeats']}; outputs compared (embeddings within 1e-4, captions equal).", ""]
+    rows = []
+    for size, e in r["results"].items():
+        for name in ("clip", "blip"):
+            x = e[name]
+            batch = e[f"{name}_batch_size"]
+            rows.append([f"{name} {size}", e["images"], batch, x["ours"]["best_per_s"], x["reference"]["best_per_s"],
+                         f"{x['ratio']['best']:.2f} / {x['ratio']['median']:.2f}", x["ratio"].get("cpu", "-"),
+                         "yes" if x["same_output"] else "**no**", met(x["ratio"]["best"] >= 1.0)])
+    return out + table(["stage, model", "images", "batch", "ours img/s", "reference img/s", "ratio best / median",
+                        "CPU ratio ref/ours", "same output", "≥ 1.0"], rows)
+
+
+def memory(r: dict) -> list[str]:
+    n = r["scale"]
+    out = [f"**Peak memory** (`bench/memory.py`): each data stage as its own command, on the embedded seed folder and on "
+           f"{n} copies of it, {r['rows_per_shard']} rows per shard at both scales. *Process*: the largest single "
+           f"process (`/usr/bin/time`); *tree*: the stage with its worker processes, summed proportional set size "
+           f"(shared pages counted once), sampled from /proc.", ""]
+    rows = []
+    for stage, e in r["results"].items():
+        a, b = e["1x"], e[f"{n}x"]
+        rows.append([stage, f"{a['rows_in']} / {b['rows_in']}", a["max_process_mib"], b["max_process_mib"], a["tree_mib"],
+                     b["tree_mib"], f"{e['ratio']['max_process']:.2f} / {e['ratio']['tree']:.2f}", met(e["flat"])])
+    return out + table(["stage", f"rows in 1× / {n}×", "process MiB 1×", f"process MiB {n}×", "tree PSS MiB 1×", f"tree PSS MiB {n}×",
+                        f"ratio {n}×/1× process / tree", "< 1.5"], rows)
+
+
+def end_to_end(r: dict) -> list[str]:
+    s = r["summary"]
+    out = [f"**End to end** (`bench/end_to_end.py`): `python pipeline.py run` ({r['preset']} preset) through kfp.local: "
+           f"{s['total_s']:.0f} s in all, {s['before_first_task_s']:.0f} s of it before the first task (assets, tiny models, "
+           f"loopback web). kfp.local's overhead per task (task wall time − the stage subprocess's): median "
+           f"{s['kfp_overhead_per_task_median_s']:.2f} s, {s['kfp_overhead_per_task_min_max_s'][0]:.2f}–"
+           f"{s['kfp_overhead_per_task_min_max_s'][1]:.2f} s over {s['tasks']} tasks. Shard-group tasks run two at a "
+           f"time, so their times overlap.", ""]
+    rows = [[stage, v["tasks"], v["task_s"], v["stage_s"], v["overhead_s"]] for stage, v in r["per_stage"].items()]
+    return out + table(["stage", "kfp tasks", "task s (summed)", "stage subprocess s", "kfp.local overhead s"], rows)
+
+
+def machine_lines(results: dict) -> list[str]:
+    first = next(iter(results.values()))["machine"]
+    lines = [f"Machine: {first['cpu']}, {first['cores']} cores, {first['ram_gib']} GiB RAM, {first['os']}, "
+             f"Python {first['python']}. The machine was shared with other work: the load average when each benchmark "
+             f"ended is given, and speed is only ever a ratio between two sides measured in the same run, interleaved.", ""]
+    rows = []
+    for name, r in results.items():
+        libs = ", ".join(f"{k} {v}" for k, v in r["versions"].items() if v)
+        rows.append([name, r["created"], " / ".join(f"{v:.1f}" for v in r["machine"]["load_average"]), libs])
+    return lines + table(["benchmark", "run at", "load avg 1/5/15 min", "libraries (its family's environment)"], rows)
+
+
+def render(results: dict) -> str:
+    lines = ["### Performance", "", "Produced by `bash bench/run_all.sh` (the scripts and their options: `bench/`).", ""]
+    lines += machine_lines(results)
+    for name in ORDER:
+        if name in results:
+            lines += globals()[name](results[name])
+    missing = [n for n in ORDER if n not in results]
+    if missing:
+        lines += [f"Not run: {', '.join(missing)}.", ""]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--results", default=str(RESULTS))
+    parser.add_argument("--output", help="also write the Markdown here")
+    args = parser.parse_args(argv)
+    found = {p.stem: json.loads(p.read_text()) for p in sorted(pathlib.Path(args.results).glob("*.json"))}
+    results = {name: found[name] for name in ORDER if name in found}
+    if not results:
+        print(f"no results in {args.results}: run bash bench/run_all.sh first", file=sys.stderr)
+        return 1
+    text = render(results)
+    print(text)
+    if args.output:
+        pathlib.Path(args.output).write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
