@@ -2,12 +2,10 @@
 in `source_caption`, so training can choose either (encode.caption_source)."""
 from __future__ import annotations
 
-from collections import Counter
-
 import pyarrow as pa
 
-from cnpipe import images
-from cnpipe.dataset import Manifest, Reject, ShardResult
+from cnpipe.dataset import Manifest, ShardResult
+from cnpipe.image_batches import map_images
 from cnpipe.stage import run_per_shard
 
 STAGE = "blip_caption"
@@ -41,32 +39,11 @@ class BlipCaptioner:
 
 
 def caption_shard(table: pa.Table, captioner, batch_size: int) -> ShardResult:
-    captions: list = [None] * table.num_rows
-    keep = [True] * table.num_rows
-    rejects, notes = [], Counter()
-    pending: list[tuple[int, object]] = []
-
-    def flush() -> None:
-        if pending:
-            for (row, _), text in zip(pending, captioner([image for _, image in pending])):
-                captions[row] = text
-                if not text:
-                    notes["blip_caption_empty"] += 1
-            pending.clear()
-
-    for row, (row_id, blob) in enumerate(zip(table.column("id").to_pylist(), table.column("image").to_pylist())):
-        try:
-            pending.append((row, images.decode_rgb(blob)))
-        except images.ImageRejected as err:
-            rejects.append(Reject(row_id, err.reason, err.detail))
-            keep[row] = False
-            continue
-        if len(pending) >= batch_size:
-            flush()
-    flush()
-    kept = table.filter(pa.array(keep, type=pa.bool_()))
-    column = pa.array([c for c, k in zip(captions, keep) if k], type=pa.string())
-    return ShardResult(kept.append_column("blip_caption", column), rejects, notes)
+    result = map_images(table, captioner, batch_size, pa.field("blip_caption", pa.string()))
+    empty = sum(1 for text in result.table.column("blip_caption").to_pylist() if not text)
+    if empty:
+        result.notes["blip_caption_empty"] += empty
+    return result
 
 
 def run(config, inputs: dict[str, Manifest], output_uri: str) -> Manifest:

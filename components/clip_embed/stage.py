@@ -1,13 +1,11 @@
 """CLIP embed: batched image embeddings, L2-normalised so that inner product is cosine similarity."""
 from __future__ import annotations
 
-from collections import Counter
-
 import numpy as np
 import pyarrow as pa
 
-from cnpipe import images
-from cnpipe.dataset import Manifest, Reject, ShardResult
+from cnpipe.dataset import Manifest, ShardResult
+from cnpipe.image_batches import map_images
 from cnpipe.stage import run_per_shard
 
 STAGE = "clip_embed"
@@ -35,34 +33,8 @@ class ClipImageEmbedder:
 
 def embed_shard(table: pa.Table, embedder: ClipImageEmbedder, batch_size: int) -> ShardResult:
     """Rows without an image yet (URL rows) pass through with a null embedding, counted in notes."""
-    embeddings: list = [None] * table.num_rows
-    rejects, notes, keep = [], Counter(), [True] * table.num_rows
-    ids, blobs = table.column("id").to_pylist(), table.column("image").to_pylist()
-    pending: list[tuple[int, object]] = []
-
-    def flush() -> None:
-        if pending:
-            vectors = embedder([image for _, image in pending])
-            for (row, _), vector in zip(pending, vectors):
-                embeddings[row] = vector.tolist()
-            pending.clear()
-
-    for row, (row_id, blob) in enumerate(zip(ids, blobs)):
-        if blob is None:
-            notes["no_image_to_embed"] += 1
-            continue
-        try:
-            pending.append((row, images.decode_rgb(blob)))
-        except images.ImageRejected as err:
-            rejects.append(Reject(row_id, err.reason, err.detail))
-            keep[row] = False
-            continue
-        if len(pending) >= batch_size:
-            flush()
-    flush()
-    kept = table.filter(pa.array(keep, type=pa.bool_()))
-    column = pa.array([e for e, k in zip(embeddings, keep) if k], type=pa.list_(pa.float32()))
-    return ShardResult(kept.append_column("clip_embedding", column), rejects, notes)
+    return map_images(table, lambda batch: [v.tolist() for v in embedder(batch)], batch_size,
+                      pa.field("clip_embedding", pa.list_(pa.float32())), keep_missing_as="no_image_to_embed")
 
 
 def run(config, inputs: dict[str, Manifest], output_uri: str) -> Manifest:
