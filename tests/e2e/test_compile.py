@@ -43,7 +43,7 @@ def test_every_stage_is_a_task_on_its_family_image(tmp_path):
     spec, _ = compile_yaml(tmp_path, "--set", "images.registry=registry.example.com", "--set", "images.tag=v9")
     executors = spec["deploymentSpec"]["executors"]
     tasks = list(all_tasks(spec))
-    assert {stage for *_, stage in tasks} == set(STAGES)
+    assert {stage for *_, stage in tasks} == set(STAGES) - {"conditioning_merge"}  # one conditioning family: no merge
     for name, task, executor, stage in tasks:
         image = executors[executor]["container"]["image"]
         family = STAGES[stage].family
@@ -57,7 +57,20 @@ def test_dag_edges_follow_the_data(tmp_path):
     assert set(tasks["download"]["dependentTasks"]) == {"laion-retrieval", "clip-embed"}
     assert tasks["encode"]["dependentTasks"] == ["conditioning"]
     assert set(tasks["evaluate"]["dependentTasks"]) == {"controlnet-train", "conditioning"}
-    assert len(tasks["report"]["dependentTasks"]) == len(STAGES) - 1
+    assert len(tasks["report"]["dependentTasks"]) == len(STAGES) - 2  # all but itself and conditioning_merge
+
+
+def test_conditioning_types_from_two_families_run_in_two_images_then_merge(tmp_path):
+    spec, _ = compile_yaml(tmp_path, "--set", "shard_groups=1", "--set", 'conditioning.types=["canny","pose","depth"]')
+    executors = spec["deploymentSpec"]["executors"]
+    tasks = spec["root"]["dag"]["tasks"]
+    conditioning = {n: t for n, t in tasks.items() if n.startswith("conditioning") and n != "conditioning-merge"}
+    images = {executors[spec["components"][t["componentRef"]["name"]]["executorLabel"]]["container"]["image"] for t in conditioning.values()}
+    assert len(conditioning) == 2 and {i.split("/")[-1].split(":")[0] for i in images} == {"controlnet-conditioning", "controlnet-vision"}
+    families = {t["inputs"]["parameters"]["family"]["runtimeValue"]["constant"] for t in conditioning.values()}
+    assert families == {"conditioning", "vision"}
+    assert set(tasks["conditioning-merge"]["dependentTasks"]) == set(conditioning)
+    assert tasks["encode"]["dependentTasks"] == ["conditioning-merge"]
 
 
 PER_IMAGE = ("clip_embed", "download", "blip_caption", "conditioning", "encode")
