@@ -70,26 +70,20 @@ def run(config, inputs: dict[str, Manifest], output_uri: str) -> dict:
         checkpoints.close()
 
 
-def _train(config, data, folder, unet_config, scheduler_config, vae_config, controlnet_config, fingerprint,
-           checkpoints, latest, meta, output_uri) -> dict:
+def build_training(t, base, controlnet, scheduler_config: dict, uncond, mesh, dtype):
+    """(fresh train state, frozen UNet params on the mesh, jit-compiled step) from the train config.
+
+    Exactly what the stage trains with; bench/train_step.py times this very step as the bare step.
+    """
     import jax
-    import jax.numpy as jnp
     from diffusers import FlaxDDPMScheduler
 
     from components.controlnet_train.step import StepSettings, diffusion_loss_fn, init_state, lr_schedule, make_optimizer, make_train_step
 
-    t = config.train
-    mesh = distributed.data_mesh()
-    primary = jax.process_index() == 0
-    dtype = compute_dtype(t.compute_dtype)
-    base = model.load_base(folder, unet_config, scheduler_config, vae_config, dtype)
-    controlnet = model.make_controlnet(controlnet_config, dtype)
     schedule = lr_schedule(t.learning_rate, t.warmup_steps, t.max_steps, t.lr_schedule)
     tx = make_optimizer(schedule, t.adam_b1, t.adam_b2, t.weight_decay, t.max_grad_norm)
     params = model.init_controlnet_from_unet(controlnet, base.unet_params, t.seed)
     state = init_state(distributed.replicate(mesh, params), tx, t.seed, t.ema_decay > 0, mesh)
-    if latest is not None:
-        state = checkpoints.restore(latest, state)
     # The frozen UNet is stored in the compute dtype: its matmuls run there anyway, memory halves on accelerators.
     unet_params = distributed.replicate(mesh, jax.tree.map(lambda x: np.asarray(x).astype(dtype), base.unet_params))
     scheduler = FlaxDDPMScheduler.from_config(scheduler_config)
@@ -99,9 +93,25 @@ def _train(config, data, folder, unet_config, scheduler_config, vae_config, cont
         gradient_checkpointing=t.gradient_checkpointing, prediction_type=scheduler.config.prediction_type,
         num_train_timesteps=scheduler.config.num_train_timesteps,
     )
-    uncond = None if data.uncond is None else np.asarray(data.uncond, np.float32)
     loss_fn = diffusion_loss_fn(base.unet, controlnet, scheduler, noise_state, settings, uncond)
-    step_fn = make_train_step(loss_fn, tx, schedule, settings, mesh)
+    return state, unet_params, make_train_step(loss_fn, tx, schedule, settings, mesh)
+
+
+def _train(config, data, folder, unet_config, scheduler_config, vae_config, controlnet_config, fingerprint,
+           checkpoints, latest, meta, output_uri) -> dict:
+    import jax
+    import jax.numpy as jnp
+
+    t = config.train
+    mesh = distributed.data_mesh()
+    primary = jax.process_index() == 0
+    dtype = compute_dtype(t.compute_dtype)
+    base = model.load_base(folder, unet_config, scheduler_config, vae_config, dtype)
+    controlnet = model.make_controlnet(controlnet_config, dtype)
+    uncond = None if data.uncond is None else np.asarray(data.uncond, np.float32)
+    state, unet_params, step_fn = build_training(t, base, controlnet, scheduler_config, uncond, mesh, dtype)
+    if latest is not None:
+        state = checkpoints.restore(latest, state)
 
     from components.controlnet_train.metrics import MetricsLog
 

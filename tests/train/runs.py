@@ -14,16 +14,16 @@ REPO = pathlib.Path(__file__).resolve().parents[2]
 FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 # One configuration for every multi-device process run (resume after SIGKILL, multi-host), so they share
 # one uninterrupted reference and one compiled step: caption dropout, EMA and LR warm-up make every piece
-# of state (data position, RNG, optimizer, EMA) matter on resume. 8 rows per step (2 per device) over
-# 16 training rows: 4 epochs, so epoch boundaries are crossed.
-PROCESS_RUN = dict(max_steps=8, global_batch_size=8, caption_dropout=0.3, checkpoint_every=2, log_every=2,
+# of state (data position, RNG, optimizer, EMA) matter on resume. One row per device and step over the
+# 15 training rows (5 are held out): 3 steps an epoch, so the resumed run crosses epoch boundaries.
+PROCESS_RUN = dict(max_steps=8, global_batch_size=4, caption_dropout=0.3, checkpoint_every=2, log_every=2,
                    ema_decay=0.9, learning_rate=1e-3, warmup_steps=3)
 PROCESS_RUN_DATA = dict(rows=20, rows_per_shard=6, holdout_fraction=0.2)
 # The step of every in-process run (overfitting, divergence): one compiled program, shared through the
-# on-disk cache (a constant learning rate leaves max_steps out of it). Gradient checkpointing on, so
-# the stage's remat switch is exercised end to end.
-IN_PROCESS_STEP = dict(global_batch_size=4, learning_rate=1e-2, lr_schedule="constant", warmup_steps=0, ema_decay=0.9,
-                       gradient_checkpointing=True)
+# on-disk cache (a constant learning rate leaves max_steps out of it). Gradient accumulation and
+# gradient checkpointing on, so both are exercised end to end by a run that must learn.
+IN_PROCESS_STEP = dict(global_batch_size=4, grad_accum_steps=2, learning_rate=1e-2, lr_schedule="constant", warmup_steps=0,
+                       ema_decay=0.9, gradient_checkpointing=True)
 
 
 def make_config(base_path: str, **train):
