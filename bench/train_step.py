@@ -8,13 +8,16 @@
               noise + DDPMScheduler.add_noise, MSE on epsilon, backward, grad-norm clipping, AdamW step,
               LR scheduler step, zero_grad). Same base (the embedded tiny-sd, 64 px), batch, pre-encoded
               latents / text encodings / controls (the example's VAE and text-encoder passes are left out on
-              both sides: our trainer gets them from the encode stage), same hyper-parameters, EMA off
-              (the example has none), torch threads = XLA:CPU's intra-op pool = the cores. images/s.
+              both sides: our trainer gets them from the encode stage), same hyper-parameters; ours also
+              updates its EMA (the example has none), so that every part runs one compiled step. torch
+              threads = XLA:CPU's intra-op pool = the cores. images/s.
 2. overhead   ours: stage.run end to end on a synthetic encode dataset (data feed with PNG decoding,
               host->device transfer, EMA, logging to metrics.jsonl, an orbax checkpoint every
               --checkpoint-every steps), timed by its own loop clock, which excludes the compiling first
-              step and the final save/export; reference: the bare jitted step (built by the same
-              stage.build_training) on the same batches, already on the device. Overhead % = extra wall time.
+              step and the final save/export; reference: the bare jitted step of part 1 (built by the same
+              stage.build_training from the same config) on the same batches, already on the device,
+              waiting for the device where the trainer does (its log steps). Overhead % = extra wall time,
+              split into the loop's own share (median log interval) and the checkpoint saves'.
 3. scaling    the bare step on 1, 2 and 4 virtual CPU devices (one subprocess each, XLA_FLAGS
               --xla_force_host_platform_device_count=N) at a fixed per-device batch. images/s.
 
@@ -26,17 +29,21 @@ import argparse
 import json
 import os
 import pathlib
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
 
-import benchlib  # noqa: F401  (puts the repo on sys.path)
+import benchlib  # (also puts the repo on sys.path)
 
 REPO = benchlib.REPO
 RESOLUTION = 64  # the embedded preset's (tiny-sd's VAE: latents 8x8)
 CHANNELS = [8, 8, 16, 16]  # the embedded preset's conditioning embedder
 HYPER = dict(learning_rate=1e-4, adam_b1=0.9, adam_b2=0.999, weight_decay=1e-2, max_grad_norm=1.0)
+# Ours keeps its EMA (TrainConfig's default decay) in every part, so all parts run one compiled step;
+# the PyTorch example has no EMA, so in part 1 ours does that (small) extra work.
+EMA_DECAY = 0.9999
 CACHE = os.path.join(tempfile.gettempdir(), "cnpipe-bench-train-jax-cache")  # compiled steps, across runs and subprocesses
 
 
@@ -63,7 +70,7 @@ def train_config(base: str, batch: int, **train):
     config.base_model.path = base
     config.encode.resolution = RESOLUTION
     for key, value in {**HYPER, "global_batch_size": batch, "compute_dtype": "float32", "conditioning_embedding_out_channels": CHANNELS,
-                       "lr_schedule": "constant", "warmup_steps": 0, "validation_rows": 0, **train}.items():
+                       "lr_schedule": "constant", "warmup_steps": 0, "validation_rows": 0, "ema_decay": EMA_DECAY, **train}.items():
         setattr(config.train, key, value)
     return config
 
@@ -98,7 +105,7 @@ class OurStep:
         base = model.load_base(folder, unet_config, scheduler_config, vae_config, jnp.float32)
         controlnet = model.make_controlnet(model.controlnet_config(unet_config, t.conditioning_embedding_out_channels), jnp.float32)
         self.mesh = distributed.data_mesh()
-        uncond = np.zeros((77, unet_config["cross_attention_dim"]), np.float32)
+        uncond = np.zeros((77, unet_config["cross_attention_dim"]), np.float32)  # unused: caption_dropout is 0
         self.state, self.unet_params, self.step_fn = build_training(t, base, controlnet, scheduler_config, uncond, self.mesh, jnp.float32)
         self.batch_rows = t.global_batch_size
         self.jax = jax
@@ -113,12 +120,11 @@ class OurStep:
         self.step_fn = self.step_fn.lower(self.state, self.unet_params, batch).compile()
         return time.perf_counter() - started
 
-    def run(self, batches: list, repeat: int = 1) -> float:
-        """Steps over `batches` (`repeat` times), waiting for the last result; returns the loss."""
+    def run(self, batches: list) -> float:
+        """One step per batch, waiting for the last result; returns its loss."""
         metrics = None
-        for _ in range(repeat):
-            for batch in batches:
-                self.state, metrics = self.step_fn(self.state, self.unet_params, batch)
+        for batch in batches:
+            self.state, metrics = self.step_fn(self.state, self.unet_params, batch)
         return float(self.jax.block_until_ready(metrics)["loss"])
 
 
@@ -166,20 +172,18 @@ class DiffusersStep:
         self.optimizer.zero_grad(set_to_none=True)
         return float(loss.detach())
 
-    def run(self, batches: list, repeat: int = 1) -> float:
+    def run(self, batches: list) -> float:
         loss = float("nan")
-        for _ in range(repeat):
-            for batch in batches:
-                loss = self.step(batch)
+        for batch in batches:
+            loss = self.step(batch)
         return loss
 
 
 # ---------------------------------------------------------------- 1. step vs step
 
 
-def compare_steps(base: str, batch: int, steps: int, repeats: int) -> dict:
+def compare_steps(ours: OurStep, base: str, batch: int, steps: int, repeats: int) -> dict:
     threads = cores()
-    ours = OurStep(train_config(base, batch, ema_decay=0.0))
     host = [random_batch(batch, seed) for seed in range(steps)]
     our_batches = [ours.on_device(b) for b in host]
     compile_s = ours.compile(our_batches[0])
@@ -203,13 +207,35 @@ def compare_steps(base: str, batch: int, steps: int, repeats: int) -> dict:
 
 def wall_summary(wall: list[float], items: int) -> dict:
     """benchlib.summary's wall-time part: the trainer's side is its own loop clock, which has no CPU-time twin."""
-    import statistics
-
     return {"best_s": round(min(wall), 4), "median_s": round(statistics.median(wall), 4), "runs_s": [round(s, 4) for s in wall],
             "items": items, "best_per_s": round(items / min(wall), 2), "median_per_s": round(items / statistics.median(wall), 2)}
 
 
-def trainer_overhead(base: str, batch: int, steps: int, checkpoint_every: int, repeats: int, root: str) -> dict:
+def _chunks(items: list, size: int) -> list[list]:
+    """The trainer's log intervals over steps 2..N: up to the first multiple of `size`, then `size` each."""
+    out, current = [], []
+    for step in items:
+        current.append(step)
+        if step % size == 0 or step == items[-1]:
+            out.append(current)
+            current = []
+    return out
+
+
+def loop_segments(output: str) -> list[tuple[int, float]]:
+    """(steps, seconds) of every log interval the trainer timed, from its metrics.jsonl."""
+    records = [json.loads(line) for line in pathlib.Path(output, "metrics.jsonl").read_text().splitlines()]
+    segments, previous = [], 0
+    for record in records:
+        if "step_time_s" in record:
+            steps = record["step"] - max(previous, 1)
+            segments.append((steps, record["step_time_s"] * steps))
+        previous = record["step"]
+    return segments
+
+
+def trainer_overhead(bare: OurStep, config, repeats: int, root: str) -> dict:
+    """`bare` is part 1's compiled step, built from this very `config`."""
     sys.path.insert(0, str(REPO / "tests" / "train"))
     from synthetic import write_encoded
 
@@ -217,45 +243,64 @@ def trainer_overhead(base: str, batch: int, steps: int, checkpoint_every: int, r
     from components.controlnet_train import stage
     from components.controlnet_train.data import BatchFeed, open_encoded
 
+    t = config.train
+    batch, steps, log_every, checkpoint_every = t.global_batch_size, t.max_steps, t.log_every, t.checkpoint_every
     rows = 4 * batch  # 4 steps an epoch: epoch boundaries and shard windows are crossed
     encoded = write_encoded(f"{root}/encoded", rows=rows, resolution=RESOLUTION, text_shape=(tiny_sd.MAX_TEXT_LENGTH, tiny_sd.TEXT_HIDDEN),
                             rows_per_shard=batch, holdout_fraction=0.0)
-    config = train_config(base, batch, max_steps=steps, log_every=10, checkpoint_every=checkpoint_every, ema_decay=0.9999, keep_checkpoints=2)
-    bare = OurStep(config)
-    feed = BatchFeed(open_encoded(encoded), batch, 0, 1, config.train.seed, config.train.shuffle_window_shards)
+    feed = BatchFeed(open_encoded(encoded), batch, 0, 1, t.seed, t.shuffle_window_shards)
     batches = [bare.on_device(next(feed)) for _ in range(steps)]  # the trainer's batches, in its order
     feed.close()
-    bare.compile(batches[0])
-    bare.run(batches[:1])
-    counter = [0]
-    summaries = []
-
-    def trainer():
-        counter[0] += 1
-        summary = stage.run(config, {"encoded": encoded}, f"{root}/train-{counter[0]}")
-        summaries.append(summary)
-        return summary
-
     timed = batches[1:]  # the trainer's clock starts after its first (compiling) step
+    # The bare loop waits for the device where the trainer does (at its log steps), so both spans split
+    # into the same intervals; the median interval holds no checkpoint save on either side.
+    intervals = [len(c) for c in _chunks(list(range(2, steps + 1)), log_every)]
     seconds: dict[str, list[float]] = {"trainer": [], "bare step": []}
+    per_step = {"trainer": [], "bare step": []}  # seconds per step of every full log interval
+    compile_s = []
     for round_ in range(repeats):
         for name in ("trainer", "bare step") if round_ % 2 == 0 else ("bare step", "trainer"):
             if name == "trainer":
-                summary = trainer()
-                seconds[name].append(summary["step_time_s"] * len(timed))  # its loop clock over steps 2..N
-                print(f"  trainer: {seconds[name][-1]:.2f} s (compile {summary['compile_s']:.1f} s, excluded)", file=sys.stderr)
+                output = f"{root}/train-{round_}"
+                summary = stage.run(config, {"encoded": encoded}, output)
+                segments = loop_segments(output)
+                assert [n for n, _ in segments] == intervals, (segments, intervals)
+                compile_s.append(summary["compile_s"])
+                note = f" (its loop clock; compile {summary['compile_s']:.1f} s excluded)"
             else:
-                started = time.perf_counter()
-                bare.run(timed)
-                seconds[name].append(time.perf_counter() - started)
-                print(f"  bare step: {seconds[name][-1]:.2f} s", file=sys.stderr)
+                segments, start = [], 0
+                for n in intervals:
+                    started = time.perf_counter()
+                    bare.run(timed[start : start + n])
+                    segments.append((n, time.perf_counter() - started))
+                    start += n
+                note = ""
+            seconds[name].append(sum(t for _, t in segments))
+            per_step[name] += [t / n for n, t in segments if n == log_every]
+            print(f"  {name}: {seconds[name][-1]:.2f} s{note}", file=sys.stderr)
     items = batch * len(timed)
     result = {"ours": wall_summary(seconds["trainer"], items), "reference": wall_summary(seconds["bare step"], items)}
     result["ratio"] = {k: round(result["reference"][f"{k}_s"] / result["ours"][f"{k}_s"], 3) for k in ("best", "median")}
     result["overhead_pct"] = {k: round(100 * (result["ours"][f"{k}_s"] / result["reference"][f"{k}_s"] - 1), 1) for k in ("best", "median")}
-    result.update(batch=batch, steps=steps, timed_steps=len(timed), checkpoint_every=checkpoint_every, log_every=10,
-                  checkpoints_in_timed_span=[s for s in range(2, steps) if s % checkpoint_every == 0],
-                  trainer_compile_s=[s["compile_s"] for s in summaries])
+    # Where the extra time goes: the median log interval (no save in it) is the loop's own cost per step;
+    # what the trainer's span holds beyond its median intervals is the checkpoint save(s).
+    import pipeline_configs
+
+    default_every = pipeline_configs.TrainConfig().checkpoint_every
+    saves = [s for s in range(2, steps) if s % checkpoint_every == 0]
+    bare_step, loop_step = statistics.median(per_step["bare step"]), statistics.median(per_step["trainer"])
+    save_s = max(result["ours"]["median_s"] - loop_step * len(timed), 0.0) / max(len(saves), 1)
+    result["breakdown"] = {
+        "bare_step_s": round(bare_step, 5), "trainer_step_without_save_s": round(loop_step, 5),
+        "loop_overhead_pct": round(100 * (loop_step / bare_step - 1), 1),
+        "seconds_per_checkpoint_save": round(save_s, 3),
+        "overhead_pct_at_default_interval": round(100 * ((loop_step + save_s / default_every) / bare_step - 1), 1),
+        "default_checkpoint_every": default_every,
+        "note": f"per step: the median {log_every}-step interval of each side (none holds a save); per save: the trainer's "
+                f"span minus its median intervals; the last figure is derived from those for train.checkpoint_every's default",
+    }
+    result.update(batch=batch, steps=steps, timed_steps=len(timed), checkpoint_every=checkpoint_every, log_every=log_every,
+                  checkpoints_in_timed_span=saves, trainer_compile_s=compile_s)
     return result
 
 
@@ -268,7 +313,7 @@ def scaling_worker(per_device: int, steps: int, repeats: int) -> None:
 
     base = tiny_base()
     count = jax.device_count()
-    ours = OurStep(train_config(base, per_device * count, ema_decay=0.0))
+    ours = OurStep(train_config(base, per_device * count))
     batches = [ours.on_device(random_batch(per_device * count, seed)) for seed in range(steps)]
     compile_s = ours.compile(batches[0])
     ours.run(batches[:2])
@@ -302,8 +347,8 @@ def main(argv=None) -> int:
     parser.add_argument("--batch", type=int, default=8, help="rows per step in parts 1 and 2")
     parser.add_argument("--steps", type=int, default=8, help="steps per timing in parts 1 and 3")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--trainer-steps", type=int, default=251, help="max_steps of each trainer run (part 2)")
-    parser.add_argument("--checkpoint-every", type=int, default=200,
+    parser.add_argument("--trainer-steps", type=int, default=101, help="max_steps of each trainer run (part 2)")
+    parser.add_argument("--checkpoint-every", type=int, default=60,
                         help="part 2: one save inside the timed span, whose background write overlaps the later steps")
     parser.add_argument("--trainer-repeats", type=int, default=2, help="part 2's repeats (each trainer run is a whole stage run)")
     parser.add_argument("--per-device-batch", type=int, help="part 3 (default: --batch, so 1 device runs part 1's compiled step)")
@@ -317,23 +362,31 @@ def main(argv=None) -> int:
     if "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", ""):
         parser.error("run without --xla_force_host_platform_device_count: part 3 sets it per subprocess")
 
-    load_start = os.getloadavg()
+    load_start, started = os.getloadavg(), time.perf_counter()
     base = tiny_base()
-    step = compare_steps(base, args.batch, args.steps, args.repeats)
-    print("2. trainer end to end vs the bare step", file=sys.stderr)
+    config = train_config(base, args.batch, max_steps=args.trainer_steps, log_every=10, checkpoint_every=args.checkpoint_every,
+                          keep_checkpoints=2)
+    ours = OurStep(config)
+    step = compare_steps(ours, base, args.batch, args.steps, args.repeats)
+    print(f"2. trainer end to end vs the bare step ({time.perf_counter() - started:.0f} s so far)", file=sys.stderr)
     with tempfile.TemporaryDirectory(prefix="bench-train-") as root:
-        overhead = trainer_overhead(base, args.batch, args.trainer_steps, args.checkpoint_every, args.trainer_repeats, root)
-    print("3. scaling over virtual CPU devices", file=sys.stderr)
+        overhead = trainer_overhead(ours, config, args.trainer_repeats, root)
+    print(f"3. scaling over virtual CPU devices ({time.perf_counter() - started:.0f} s so far)", file=sys.stderr)
     per_device = args.per_device_batch or args.batch
     scale = scaling(per_device, args.steps, args.repeats, [int(n) for n in args.devices.split(",")])
 
     one = scale[0]["best_per_s"]
+    b = overhead["breakdown"]
     rows = [
         {"metric": f"train step images/s (batch {args.batch}, {RESOLUTION} px, fp32, {step['cores']} threads): ours JAX vs diffusers PyTorch",
          "ours": step["ours"]["best_per_s"], "reference": step["reference"]["best_per_s"], "ratio": step["ratio"]["best"]},
-        {"metric": f"trainer end to end vs bare step, images/s (overhead {overhead['overhead_pct']['best']}% best, "
-                   f"{overhead['overhead_pct']['median']}% median)",
+        {"metric": f"trainer end to end vs bare step, images/s, a checkpoint every {overhead['checkpoint_every']} steps "
+                   f"(overhead {overhead['overhead_pct']['best']}% best, {overhead['overhead_pct']['median']}% median)",
          "ours": overhead["ours"]["best_per_s"], "reference": overhead["reference"]["best_per_s"], "ratio": overhead["ratio"]["best"]},
+        {"metric": f"of which: loop without saves {b['loop_overhead_pct']}%, {b['seconds_per_checkpoint_save']} s per save; derived "
+                   f"overhead at the default checkpoint_every={b['default_checkpoint_every']}: {b['overhead_pct_at_default_interval']}%",
+         "ours": round(args.batch / b["trainer_step_without_save_s"], 2), "reference": round(args.batch / b["bare_step_s"], 2),
+         "ratio": round(b["bare_step_s"] / b["trainer_step_without_save_s"], 3)},
     ] + [
         {"metric": f"bare step images/s on {s['devices']} virtual CPU device(s), {per_device} rows each (reference: 1 device)",
          "ours": s["best_per_s"], "reference": one, "ratio": round(s["best_per_s"] / one, 3)} for s in scale

@@ -15,7 +15,6 @@ import os
 import pathlib
 import signal
 import socket
-import subprocess
 import threading
 import time
 from dataclasses import dataclass

@@ -6,7 +6,6 @@ learning rate; its outputs serve the export-parity and validation checks.
 from __future__ import annotations
 
 import json
-import pathlib
 
 import numpy as np
 import pytest
