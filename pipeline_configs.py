@@ -118,7 +118,7 @@ class ConditioningConfig:
     pose_min_visibility: float = 0.5  # landmarks less visible than this are left out of the skeleton
     pose_min_keypoints: int = 6  # fewer visible OpenPose keypoints than this counts as no_pose
     caption_source: str = "prefer_source"  # which caption goes in `caption`: prefer_source | blip | source
-    workers: int = 0  # processes making control images; 0: one per CPU core
+    workers: int = 0  # threads making control images (each with its own conditioners); 0: one per CPU core
     depth_model: str = "depth-anything/Depth-Anything-V2-Small-hf"  # depth type: a transformers depth-estimation model
     depth_device: str = "auto"
 

@@ -44,7 +44,7 @@ DATA_STAGES = [
 
 
 def _pss_kib(pid: int, rss_kib: int) -> int:
-    """Proportional set size: pages shared between processes (a forkserver's workers) counted once in a sum."""
+    """Proportional set size: pages shared between processes (worker processes forked from one parent) counted once in a sum."""
     try:
         with open(f"/proc/{pid}/smaps_rollup") as f:
             for line in f:

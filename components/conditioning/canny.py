@@ -1,4 +1,6 @@
-"""Canny edges with OpenCV, as ControlNet's canny models were trained on: white edges on black, 3 channels."""
+"""Canny edges with OpenCV, as ControlNet's canny models were trained on: white edges on black.
+
+Returned as one channel: stored as a 1-bit PNG and read back as RGB (three equal channels) by every consumer."""
 from __future__ import annotations
 
 import numpy as np
@@ -15,5 +17,4 @@ class CannyConditioner:
     def __call__(self, rgb: np.ndarray) -> np.ndarray:
         import cv2
 
-        edges = cv2.Canny(cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY), self.low, self.high)
-        return np.repeat(edges[:, :, None], 3, axis=2)
+        return cv2.Canny(cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY), self.low, self.high)

@@ -2,16 +2,20 @@
 and the control image, so that training reads one self-contained dataset.
 
 A row a type cannot condition (no person for pose) is rejected from that type's dataset with its
-reason and stays in the others. Images are decoded once per row for all types; rows spread over a
-pool of worker processes, each holding its own conditioners (MediaPipe graphs are not shareable).
+reason and stays in the others. Images are decoded once per row for all types. Rows spread over a
+pool of threads, each row lent one of `workers` sets of conditioners (MediaPipe graphs are not
+shareable): OpenCV, MediaPipe and torch release the GIL while they compute, so threads use every
+core without a process pool's start-up (MediaPipe's import is ~2 s per process) or pickling every
+image to a worker. The next shard is read and queued while the last one's rows are committed.
 """
 from __future__ import annotations
 
 import dataclasses
-import multiprocessing
 import os
-import sys
+import queue
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 
 import numpy as np
 import pyarrow as pa
@@ -21,38 +25,47 @@ from cnpipe.dataset import Manifest, Reject, ShardedOutput, ShardResult, StageOu
 from cnpipe.progress import bar
 from cnpipe.stage import my_part, partial_output, shard_plan
 from components.conditioning.contract import NoControl
-from components.registry import CONDITIONERS, conditioner_class, conditioning_groups
+from components.registry import conditioner_class, conditioning_groups
 
 STAGE = "conditioning"
-_worker_conditioners: dict = {}
-_conditioner_libraries: set[str] = set()  # top-level packages that building the conditioners imported
 
 
-def _init_worker(config) -> None:
-    _worker_conditioners.clear()
-    for name in config.types:
-        _worker_conditioners[name] = conditioner_class(name)(config)
+class ConditionerSets:
+    """`count` independent sets of the configured conditioners, each lent to one row at a time. All are built
+    here, before any work: an unknown type or unusable settings (a pose model the wheel does not ship) fail
+    at once, with the error from the conditioner."""
+
+    def __init__(self, cfg, count: int) -> None:
+        self._free: queue.SimpleQueue = queue.SimpleQueue()
+        for _ in range(count):
+            self._free.put({name: conditioner_class(name)(cfg) for name in cfg.types})
+
+    @contextmanager
+    def lend(self):
+        conditioners = self._free.get()
+        try:
+            yield conditioners
+        finally:
+            self._free.put(conditioners)
 
 
-def _worker_pool(cfg, workers: int, preload: list[str]):
-    """Workers forked from a server process that imported the conditioners' libraries once (forkserver with
-    those modules preloaded), instead of spawned workers that each import them again: MediaPipe's import alone
-    is ~2 s of CPU per process. Still fresh processes: no threads or MediaPipe graphs inherited from this one."""
-    context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(preload)
-    return context.Pool(workers, _init_worker, (cfg,))
+def worker_count(cfg) -> int:
+    """conditioning.workers (0: one per core), capped by any type whose library already uses every core per call."""
+    wanted = cfg.workers or os.cpu_count() or 1
+    caps = [getattr(conditioner_class(name), "max_parallel", None) for name in cfg.types]
+    return max(1, min([wanted, *(cap for cap in caps if cap)]))
 
 
-def control_images(blob: bytes | None) -> tuple[tuple[str, str] | None, dict]:
+def control_images(blob: bytes | None, conditioners: dict) -> tuple[tuple[str, str] | None, dict]:
     """For one encoded image: (decode rejection or None, {type: PNG bytes or (reason, detail)})."""
     try:
         rgb = np.asarray(images.decode_rgb(blob))
     except images.ImageRejected as err:
         return (err.reason, err.detail), {}
     made = {}
-    for name, conditioner in _worker_conditioners.items():
+    for name, conditioner in conditioners.items():
         try:
-            made[name] = images.encode_array(conditioner(rgb), "png")
+            made[name] = images.encode_control(conditioner(rgb))
         except NoControl as err:
             made[name] = (err.reason, err.detail)
     return None, made
@@ -105,35 +118,37 @@ def run(config, inputs: dict[str, Manifest], output_uri: str):
     cfg = dataclasses.replace(cfg, types=conditioning_groups(all_types).get(family, []) if family else all_types)
     if not cfg.types:
         raise ValueError(f"none of conditioning.types {all_types} is made in the {family!r} family")
-    # Build the conditioners here first: an unknown type or unusable settings (a pose model the wheel does not
-    # ship) fail before any work. Raised in a Pool initializer, the same error would respawn workers forever.
-    imported = set(sys.modules)
-    _init_worker(cfg)
-    _conditioner_libraries.update(name.split(".")[0] for name in set(sys.modules) - imported)
-    preload = [__name__, *(CONDITIONERS[name][0].partition(":")[0] for name in cfg.types), *sorted(_conditioner_libraries)]
     schema = source.arrow_schema().append(pa.field("caption", pa.string())).append(pa.field("control", pa.binary()))
     config_hash = config.section_hash("conditioning")
     outputs = {name: ShardedOutput(storage.join(output_uri, name), f"{STAGE}/{name}", config_hash, schema) for name in cfg.types}
     plan = shard_plan([source])
     mine = my_part(plan)
     todo = [p for p in mine if not all(out.is_done(p[0]) for out in outputs.values())]
-    workers = cfg.workers or os.cpu_count() or 1
+    workers = worker_count(cfg)
+    conditioner_sets = ConditionerSets(cfg, workers)
     progress = bar(STAGE, total=sum(rows for *_, rows in todo))
     progress.set_postfix_str(f"{len(plan) - len(todo)}/{len(plan)} shards already done", refresh=False)
-    pool = _worker_pool(cfg, workers, preload) if workers > 1 and todo else None
-    try:
-        for shard, manifest, in_name, rows in todo:
+
+    def make(blob):
+        with conditioner_sets.lend() as conditioners:
+            return control_images(blob, conditioners)
+
+    def commit(shard: str, table: pa.Table, results) -> None:
+        for name, result in condition_shard(table, list(results), cfg.types, cfg.caption_source).items():
+            if not outputs[name].is_done(shard):
+                outputs[name].commit(shard, result, rows_in=table.num_rows)
+        progress.update(table.num_rows)
+
+    with ThreadPoolExecutor(workers, thread_name_prefix=STAGE) as executor:
+        queued = None  # one shard ahead: its rows compute while the shard before it is committed
+        for shard, manifest, in_name, _ in todo:
             table = storage.read_parquet(storage.join(manifest.uri, "data", f"{in_name}.parquet"))
-            blobs = table.column("image").to_pylist()
-            results = pool.map(control_images, blobs, chunksize=max(1, len(blobs) // (4 * workers))) if pool else list(map(control_images, blobs))
-            for name, result in condition_shard(table, results, cfg.types, cfg.caption_source).items():
-                if not outputs[name].is_done(shard):
-                    outputs[name].commit(shard, result, rows_in=table.num_rows)
-            progress.update(rows)
-    finally:
-        if pool is not None:
-            pool.close()
-            pool.join()
+            current = (shard, table, executor.map(make, table.column("image").to_pylist()))
+            if queued is not None:
+                commit(*queued)
+            queued = current
+        if queued is not None:
+            commit(*queued)
     progress.close()
     partial = partial_output(output_uri, plan, mine)
     if partial is not None:

@@ -13,6 +13,7 @@ from components.conditioning.contract import NoControl
 
 class DepthConditioner:
     name = "depth"
+    max_parallel = 1  # torch already spreads one call over every core; more calls at once only contend
 
     def __init__(self, config) -> None:
         import torch
@@ -37,5 +38,4 @@ class DepthConditioner:
         low, high = float(depth.min()), float(depth.max())
         if high - low < 1e-6:
             raise NoControl("flat_depth", "the estimated depth has no range")
-        scaled = np.round(255 * (depth - low) / (high - low)).astype(np.uint8)
-        return np.repeat(scaled[:, :, None], 3, axis=2)
+        return np.round(255 * (depth - low) / (high - low)).astype(np.uint8)  # one channel; read back as RGB

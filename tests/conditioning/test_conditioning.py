@@ -16,7 +16,7 @@ import pytest
 from PIL import Image, ImageOps
 
 import pipeline_configs
-from cnpipe import storage
+from cnpipe import images, storage
 from cnpipe.dataset import Manifest, load_output
 from components.conditioning import openpose_style
 from components.conditioning.canny import CannyConditioner
@@ -44,15 +44,28 @@ def edges(rgb: np.ndarray, low: int, high: int) -> np.ndarray:
     return CannyConditioner(conditioning_config(canny_low=low, canny_high=high).conditioning)(rgb)
 
 
-def test_canny_is_binary_edges_same_size_three_channels(astronaut):
+def test_canny_is_binary_edges_same_size_read_back_as_three_equal_channels(astronaut):
     rgb = np.asarray(astronaut.resize((160, 120)))
     out = edges(rgb, 100, 200)
-    assert out.shape == (120, 160, 3) and out.dtype == np.uint8
+    assert out.shape == (120, 160) and out.dtype == np.uint8
     assert set(np.unique(out).tolist()) == {0, 255}
-    assert (out[..., 0] == out[..., 1]).all() and (out[..., 1] == out[..., 2]).all()
-    counts = [int((edges(rgb, low, high)[..., 0] > 0).sum()) for low, high in ((30, 60), (100, 200), (300, 600))]
+    stored = images.encode_control(out)
+    assert Image.open(io.BytesIO(stored)).mode == "1"  # black and white: 1 bit per pixel
+    back = np.asarray(images.decode_rgb(stored))
+    assert back.shape == (120, 160, 3) and (back == out[:, :, None]).all()
+    counts = [int((edges(rgb, low, high) > 0).sum()) for low, high in ((30, 60), (100, 200), (300, 600))]
     assert counts[0] > counts[1] > counts[2] > 0, counts
     assert (edges(np.asarray(Image.new("RGB", (64, 64), (90, 90, 90))), 100, 200) == 0).all()
+
+
+def test_control_images_round_trip_exactly(astronaut):
+    color = np.asarray(astronaut.resize((50, 40)))
+    gray = color[:, :, 1].copy()
+    assert (np.asarray(images.decode_rgb(images.encode_control(color))) == color).all()  # RGB order kept
+    assert (np.asarray(images.decode_rgb(images.encode_control(gray))) == gray[:, :, None]).all()
+    for bad in (color.astype(np.float32), color[:, :, :2], np.zeros((2, 2, 2, 3), np.uint8)):
+        with pytest.raises(ValueError, match="control image"):
+            images.encode_control(bad)
 
 
 def test_canny_thresholds_are_checked():
@@ -121,7 +134,7 @@ def test_stage_writes_one_dataset_per_type_with_exact_accounting(tmp_path, astro
         for row in rows.values():
             control = Image.open(io.BytesIO(row["control"]))
             image = Image.open(io.BytesIO(row["image"]))
-            assert control.format == "PNG" and control.mode == "RGB" and control.size == image.size
+            assert control.format == "PNG" and control.mode == {"canny": "1", "pose": "RGB"}[name] and control.size == image.size
         assert rows["astronaut"]["caption"] == "an astronaut"  # prefer_source: the source caption ...
         assert rows["mirrored"]["caption"] == "a person"  # ... unless it is blank: then BLIP's
     canny_flat = np.asarray(Image.open(io.BytesIO({r["id"]: r for r in rows_of(storage.join(out, "canny"))}["flat"]["control"])))
