@@ -62,16 +62,49 @@ def run_per_shard(
     process: Callable[[pa.Table, Manifest], ShardResult],
     columns: list[str] | None = None,
 ) -> "Manifest | StageOutput":
+    return run_in_batches(stage, inputs, output_uri, config_hash, schema,
+                          lambda batch: [process(table, manifest) for table, manifest in batch], 0, columns)
+
+
+def run_in_batches(
+    stage: str,
+    inputs: Sequence[Manifest],
+    output_uri: str,
+    config_hash: str,
+    schema: pa.Schema,
+    process_batch: Callable[[list[tuple[pa.Table, Manifest]]], list[ShardResult]],
+    batch_rows: int,
+    columns: list[str] | None = None,
+) -> "Manifest | StageOutput":
+    """run_per_shard for stages whose work has a fixed cost per call (img2dataset starts its worker processes):
+    consecutive unfinished shards are handed over together, up to `batch_rows` rows (0: one shard at a time),
+    and each shard is still committed on its own. A kill loses the batch in progress, never a committed shard."""
     output = ShardedOutput(output_uri, stage, config_hash, schema)
     plan = shard_plan(inputs)
     mine = my_part(plan)
     todo = [p for p in mine if not output.is_done(p[0])]
     progress = bar(stage, total=sum(rows for *_, rows in todo))
     progress.set_postfix_str(f"{len(plan) - len(todo)}/{len(plan)} shards already done", refresh=False)
-    for out_name, manifest, in_name, rows in todo:
-        table = storage.read_parquet(storage.join(manifest.uri, "data", f"{in_name}.parquet"), columns=columns)
-        result = process(table, manifest)
-        output.commit(out_name, result, rows_in=table.num_rows)
-        progress.update(rows)
+    for batch in _batches(todo, batch_rows):
+        tables = [(storage.read_parquet(storage.join(m.uri, "data", f"{in_name}.parquet"), columns=columns), m)
+                  for _, m, in_name, _ in batch]
+        results = process_batch(tables)
+        if len(results) != len(batch):
+            raise RuntimeError(f"{stage}: {len(results)} results for a batch of {len(batch)} shards")
+        for (out_name, *_, rows), (table, _), result in zip(batch, tables, results):
+            output.commit(out_name, result, rows_in=table.num_rows)
+            progress.update(rows)
     progress.close()
     return partial_output(output_uri, plan, mine) or output.finalize([p[0] for p in plan], inputs=[m.uri for m in inputs])
+
+
+def _batches(todo: list, batch_rows: int):
+    batch, rows = [], 0
+    for item in todo:
+        if batch and rows + item[3] > batch_rows:
+            yield batch
+            batch, rows = [], 0
+        batch.append(item)
+        rows += item[3]
+    if batch:
+        yield batch

@@ -1,13 +1,15 @@
 """Download: every URL row becomes an image (via img2dataset) or a rejection with img2dataset's reason.
 
 Rows that already carry an image (the seeds) pass through, so this stage's output is the whole
-image set that captioning and conditioning work on. One img2dataset call per input shard keeps
-our commit-per-shard resume; img2dataset's processes and threads parallelise inside the shard.
+image set that captioning and conditioning work on. Consecutive input shards share one img2dataset
+call (up to download.batch_rows rows: its worker processes take seconds to start) and each is then
+committed on its own, so a rerun skips them; the call's URLs are split evenly over its processes.
 """
 from __future__ import annotations
 
 import contextlib
 import glob
+import math
 import os
 import re
 import sys
@@ -18,7 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from cnpipe.dataset import Manifest, Reject, ShardResult
-from cnpipe.stage import run_per_shard
+from cnpipe.stage import run_in_batches
 from components.download.url_guard import ENV_VAR, UnsafeUrl, UrlPolicy
 
 STAGE = "download"
@@ -97,16 +99,17 @@ def quiet_file_descriptors(log_path: str):
 
 
 def fetch(urls: list[tuple[str, str]], cfg) -> dict[str, dict]:
-    """Run img2dataset on (id, url) pairs; return id -> its output row (status, error_message, jpg, ...)."""
+    """Run img2dataset on (key, url) pairs; return key -> its output row (status, error_message, jpg, ...)."""
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # else its import phones home (here and in the workers)
     import img2dataset
 
     with tempfile.TemporaryDirectory(prefix="cnpipe-dl-") as tmp:
-        pq.write_table(pa.table({"url": [u for _, u in urls], "id": [i for i, _ in urls]}), f"{tmp}/urls.parquet")
+        pq.write_table(pa.table({"url": [u for _, u in urls], "row_key": [k for k, _ in urls]}), f"{tmp}/urls.parquet")
         with quiet_file_descriptors(f"{tmp}/img2dataset.log"), guarded_spawned_workers():
             img2dataset.download(
-                url_list=f"{tmp}/urls.parquet", input_format="parquet", url_col="url", save_additional_columns=["id"],
-                output_format="parquet", output_folder=f"{tmp}/out", number_sample_per_shard=len(urls) + 1,
+                url_list=f"{tmp}/urls.parquet", input_format="parquet", url_col="url", save_additional_columns=["row_key"],
+                output_format="parquet", output_folder=f"{tmp}/out",
+                number_sample_per_shard=math.ceil(len(urls) / max(1, cfg.processes_count)),  # one share per process
                 image_size=cfg.image_size, resize_mode=cfg.resize_mode, resize_only_if_bigger=True,
                 min_image_size=cfg.min_image_size, max_aspect_ratio=cfg.max_aspect_ratio, max_image_area=89_478_485,
                 timeout=cfg.timeout_s, retries=cfg.retries, thread_count=cfg.thread_count,
@@ -118,32 +121,44 @@ def fetch(urls: list[tuple[str, str]], cfg) -> dict[str, dict]:
         rows: dict[str, dict] = {}
         for path in sorted(glob.glob(f"{tmp}/out/*.parquet")):
             for row in pq.read_table(path).to_pylist():
-                rows[row["id"]] = row
+                rows[row["row_key"]] = row
         return rows
 
 
-def download_shard(table: pa.Table, cfg, policy: UrlPolicy) -> ShardResult:
-    columns = set(table.column_names)
-    records = table.to_pylist()
-    rejects, notes, wanted = [], Counter(), []
-    for record in records:
-        if record.get("image") is not None:
+def urls_to_fetch(table: pa.Table, policy: UrlPolicy, prefix: str) -> tuple[list[tuple[str, str]], list[Reject], Counter]:
+    """The rows of one shard img2dataset must fetch, as (prefix + row index, url); the unsafe ones rejected."""
+    wanted, rejects, notes = [], [], Counter()
+    for index, (row_id, url, has_image) in enumerate(zip(
+            table.column("id").to_pylist(), table.column("url").to_pylist(), image_present(table))):
+        if has_image:
             notes["passed_through_with_image"] += 1
             continue
         try:
-            policy.check(record["url"] or "")
-            wanted.append((record["id"], record["url"]))
+            policy.check(url or "")
+            wanted.append((f"{prefix}{index}", url))
         except UnsafeUrl as err:
-            rejects.append(Reject(record["id"], err.reason, f"{record['url']}: {err.detail}"))
-    fetched = fetch(wanted, cfg) if wanted else {}
-    wanted_ids = {i for i, _ in wanted}
+            rejects.append(Reject(row_id, err.reason, f"{url}: {err.detail}"))
+    return wanted, rejects, notes
+
+
+def image_present(table: pa.Table) -> list[bool]:
+    if "image" not in table.column_names:
+        return [False] * table.num_rows
+    return table.column("image").is_valid().to_pylist()
+
+
+def shard_result(table: pa.Table, wanted: list[tuple[str, str]], fetched: dict[str, dict], prefix: str,
+                 rejects: list[Reject], notes: Counter, cfg) -> ShardResult:
+    """One shard's rows: passed-through images, fetched images, and a rejection for every other row."""
+    columns = set(table.column_names)
+    asked = {key for key, _ in wanted}
     out = {name: [] for name in IMAGE_SCHEMA.names}
-    for record in records:
-        if record.get("image") is None and record["id"] not in wanted_ids:
-            continue  # refused above
+    for index, record in enumerate(table.to_pylist()):
         image, width, height = record.get("image"), record.get("width"), record.get("height")
         if image is None:
-            got = fetched.get(record["id"])
+            if f"{prefix}{index}" not in asked:
+                continue  # an unsafe URL, rejected by urls_to_fetch
+            got = fetched.get(f"{prefix}{index}")
             if got is None:
                 rejects.append(Reject(record["id"], "download_missing", f"img2dataset returned no row for {record['url']}"))
                 continue
@@ -160,6 +175,15 @@ def download_shard(table: pa.Table, cfg, policy: UrlPolicy) -> ShardResult:
         for name in IMAGE_SCHEMA.names:
             out[name].append(values[name])
     return ShardResult(pa.table(out, schema=IMAGE_SCHEMA), rejects, notes)
+
+
+def download_batch(tables: list[pa.Table], cfg, policy: UrlPolicy) -> list[ShardResult]:
+    """One img2dataset call for the URLs of several shards; one result per shard."""
+    checked = [urls_to_fetch(table, policy, f"{i}/") for i, table in enumerate(tables)]
+    wanted = [pair for urls, _, _ in checked for pair in urls]
+    fetched = fetch(wanted, cfg) if wanted else {}
+    return [shard_result(table, urls, fetched, f"{i}/", rejects, notes, cfg)
+            for i, (table, (urls, rejects, notes)) in enumerate(zip(tables, checked))]
 
 
 DISTRIBUTORS = ("multiprocessing", "pyspark", "ray")
@@ -180,7 +204,7 @@ def run(config, inputs: dict[str, Manifest], output_uri: str) -> Manifest:
     from components.download import url_guard
 
     url_guard.install(policy)
-    return run_per_shard(
+    return run_in_batches(
         STAGE, list(inputs.values()), output_uri, config.section_hash("download"), IMAGE_SCHEMA,
-        lambda table, _: download_shard(table, cfg, policy),
+        lambda batch: download_batch([table for table, _ in batch], cfg, policy), cfg.batch_rows,
     )

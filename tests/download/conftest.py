@@ -1,9 +1,11 @@
 """A loopback web for the download family's tests: good and broken images, a 404, an HTML page, an image
-whose X-Robots-Tag opts out of AI use, and `/redirect?to=URL` (302), with a log of every request it received."""
+whose X-Robots-Tag opts out of AI use, `/redirect?to=URL` (302) and `/photo/<anything>.jpg` (distinct URLs
+of one good image, each answered after `photo_delay_s`), with a log of every request it received."""
 from __future__ import annotations
 
 import io
 import threading
+import time
 import urllib.parse
 import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -28,6 +30,7 @@ class LoopbackWeb:
         }
         self.headers = {"/opted-out.jpg": {"X-Robots-Tag": "noai"}}
         self.requests: list[str] = []
+        self.photo_delay_s = 0.0
         web = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -43,10 +46,14 @@ class LoopbackWeb:
                     self.send_header("Content-Length", "0")
                     self.end_headers()
                     return
-                if self.path not in web.files:
+                if self.path.startswith("/photo/") and self.path.endswith(".jpg"):
+                    time.sleep(web.photo_delay_s)
+                    kind, body = web.files["/good.jpg"]
+                elif self.path not in web.files:
                     self.send_error(404)
                     return
-                kind, body = web.files[self.path]
+                else:
+                    kind, body = web.files[self.path]
                 self.send_response(200)
                 self.send_header("Content-Type", kind)
                 self.send_header("Content-Length", str(len(body)))
