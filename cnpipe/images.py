@@ -43,8 +43,8 @@ def decode_rgb(data: bytes | None, min_side: int = 1, max_pixels: int = 89_478_4
                 raise
             except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
                 raise ImageRejected("decompression_bomb", str(err)) from None
-            except UnidentifiedImageError as err:
-                raise ImageRejected("not_an_image", str(err)) from None
+            except UnidentifiedImageError:  # its message names the BytesIO object's address: not a stable detail
+                raise ImageRejected("not_an_image", f"Pillow recognises no image format in these {len(data)} bytes") from None
             except OSError as err:
                 reason = "truncated_image" if "image file is truncated" in str(err) else "corrupt_image"
                 raise ImageRejected(reason, str(err)) from None
