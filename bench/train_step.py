@@ -347,9 +347,10 @@ def main(argv=None) -> int:
     parser.add_argument("--batch", type=int, default=8, help="rows per step in parts 1 and 2")
     parser.add_argument("--steps", type=int, default=8, help="steps per timing in parts 1 and 3")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--trainer-steps", type=int, default=101, help="max_steps of each trainer run (part 2)")
-    parser.add_argument("--checkpoint-every", type=int, default=60,
-                        help="part 2: one save inside the timed span, whose background write overlaps the later steps")
+    parser.add_argument("--trainer-steps", type=int, default=1001, help="max_steps of each trainer run (part 2)")
+    parser.add_argument("--checkpoint-every", type=int, default=500,
+                        help="part 2 (train.checkpoint_every's default): saves inside the timed span, whose background "
+                             "writes overlap the later steps")
     parser.add_argument("--trainer-repeats", type=int, default=2, help="part 2's repeats (each trainer run is a whole stage run)")
     parser.add_argument("--per-device-batch", type=int, help="part 3 (default: --batch, so 1 device runs part 1's compiled step)")
     parser.add_argument("--devices", default="1,2,4", help="part 3's virtual device counts")
