@@ -3,7 +3,8 @@
     PYTHONPATH=. .venvs/vision/bin/python bench/clip_blip.py [--model-size tiny|small|both] [--images N]
 
 ours        components/clip_embed/stage.py and components/blip_caption/stage.py `run`: Parquet shards in,
-            decode, batches of clip_embed.batch_size / caption.batch_size, commit shards out.
+            batches of clip_embed.batch_size / caption.batch_size decoded and prepared (processor) on helper
+            threads a few batches ahead of the model (cnpipe/image_batches.py), commit shards out.
 reference   load the same model and processor, then for every image: decode (cnpipe.images, as the stages do), processor,
             get_image_features (+ L2 normalisation) or generate(), one image at a time.
 Both sides include loading the model from disk (the stage loads it in `run`); the load time alone is
@@ -30,7 +31,7 @@ import benchlib  # noqa: E402  (puts the repo on sys.path)
 from cnpipe import images  # noqa: E402  (the stages' decoder: CMYK, 16-bit and alpha made RGB the same way)
 
 SMALL_MODELS = benchlib.REPO / ".cache" / "bench" / "models"
-DEFAULT_IMAGES = {"tiny": 240, "small": 48}
+DEFAULT_IMAGES = {"tiny": 480, "small": 144}
 
 
 # ---------------------------------------------------------------- the models

@@ -27,19 +27,26 @@ class BlipCaptioner:
         self.generate_kwargs = {"max_new_tokens": max_new_tokens, "num_beams": num_beams, "do_sample": False}
         self.prompt = prompt
 
-    def __call__(self, pil_images: list) -> list[str]:
+    def prepare(self, pil_images: list):
+        """The processor's CPU work, separate so that it can run ahead of generation."""
+        kwargs = {"images": pil_images, "return_tensors": "pt"}
+        if self.prompt:
+            kwargs["text"] = [self.prompt] * len(pil_images)
+        return self.processor(**kwargs)
+
+    def run(self, inputs) -> list[str]:
         with self.torch.inference_mode():
-            kwargs = {"images": pil_images, "return_tensors": "pt"}
-            if self.prompt:
-                kwargs["text"] = [self.prompt] * len(pil_images)
-            batch = self.processor(**kwargs).to(self.device)
+            batch = inputs.to(self.device)
             batch["pixel_values"] = batch["pixel_values"].to(self.model.dtype)
             tokens = self.model.generate(**batch, **self.generate_kwargs)
         return [t.strip() for t in self.processor.batch_decode(tokens, skip_special_tokens=True)]
 
+    def __call__(self, pil_images: list) -> list[str]:
+        return self.run(self.prepare(pil_images))
+
 
 def caption_shard(table: pa.Table, captioner, batch_size: int) -> ShardResult:
-    result = map_images(table, captioner, batch_size, pa.field("blip_caption", pa.string()))
+    result = map_images(table, captioner.prepare, captioner.run, batch_size, pa.field("blip_caption", pa.string()))
     empty = sum(1 for text in result.table.column("blip_caption").to_pylist() if not text)
     if empty:
         result.notes["blip_caption_empty"] += empty

@@ -23,17 +23,23 @@ class ClipImageEmbedder:
         self.model, self.processor = load(CLIPModel, CLIPImageProcessor, model_id, self.device)
         self.dim = self.model.config.projection_dim
 
-    def __call__(self, pil_images: list) -> np.ndarray:
+    def prepare(self, pil_images: list):
+        """The processor's CPU work (resize, crop, normalise), separate so that it can run ahead of the model."""
+        return self.processor(images=pil_images, return_tensors="pt")["pixel_values"]
+
+    def run(self, pixels) -> np.ndarray:
         with self.torch.inference_mode():
-            pixels = self.processor(images=pil_images, return_tensors="pt")["pixel_values"]
             features = self.model.get_image_features(pixel_values=pixels.to(self.device, self.model.dtype))
             features = self.torch.nn.functional.normalize(features.float(), dim=-1)
         return features.cpu().numpy().astype(np.float32)
 
+    def __call__(self, pil_images: list) -> np.ndarray:
+        return self.run(self.prepare(pil_images))
+
 
 def embed_shard(table: pa.Table, embedder: ClipImageEmbedder, batch_size: int) -> ShardResult:
     """Rows without an image yet (URL rows) pass through with a null embedding, counted in notes."""
-    return map_images(table, lambda batch: [v.tolist() for v in embedder(batch)], batch_size,
+    return map_images(table, embedder.prepare, lambda pixels: [v.tolist() for v in embedder.run(pixels)], batch_size,
                       pa.field("clip_embedding", pa.list_(pa.float32())), keep_missing_as="no_image_to_embed")
 
 
