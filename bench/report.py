@@ -130,8 +130,9 @@ def train_step(r: dict) -> list[str]:
 def machine_lines(results: dict) -> list[str]:
     first = next(iter(results.values()))["machine"]
     lines = [f"Machine: {first['cpu']}, {first['cores']} cores, {first['ram_gib']} GiB RAM, {first['os']}, "
-             f"Python {first['python']}. The machine was shared with other work: the load average when each benchmark "
-             f"ended is given, and speed is only ever a ratio between two sides measured in the same run, interleaved.", ""]
+             f"Python {first['python']}. The load average when each benchmark ended is given (the benchmark's own "
+             f"processes and threads count in it); speed is only ever a ratio between two sides measured in the same run, "
+             f"interleaved.", ""]
     rows = []
     for name, r in results.items():
         libs = ", ".join(f"{k} {v}" for k, v in r["versions"].items() if v)
