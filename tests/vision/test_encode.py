@@ -3,9 +3,10 @@ import io
 import json
 import os
 import pathlib
-import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pyarrow as pa
@@ -91,31 +92,41 @@ def test_rows_follow_the_contract(encoded, assets):
     assert {r["split"] for r in table} == {"train", "heldout"}
 
 
-def test_resume_after_a_crash_gives_the_same_output_without_duplicates(encoded, assets, conditioning, tmp_path):
-    """A run killed after two of three shards: the rerun (the real CLI) keeps committed shards and finishes."""
-    crashed = tmp_path / "encode"
-    shutil.copytree(encoded.uri, crashed)
-    last = conditioning.shards[-1]["name"]
-    for leftover in (f"_commits/{last}.json", "manifest.json"):
-        (crashed / leftover).unlink()
-    (crashed / "data" / f".tmp-1234-{last}.parquet").write_bytes(b"half a write")
-    first = crashed / "data" / f"{conditioning.shards[0]['name']}.parquet"
-    os.utime(first, (1, 1))  # a rewrite would move this
-    cfg = data.config(assets)
-    result = subprocess.run(
-        [sys.executable, "-m", "components.encode", "--config-json", cfg.to_json(),
-         "--input", f"conditioning={conditioning.uri}", "--output", str(crashed)],
-        cwd=REPO, capture_output=True, text=True, timeout=300,
-    )
+def test_sigkilled_encode_resumes_to_the_uninterrupted_result(encoded, assets, conditioning, tmp_path):
+    """SIGKILL the real CLI after its first commit, add a stray half write, rerun: committed shards are kept
+    as they are, and the result equals the uninterrupted run's, row for row, with no duplicate."""
+    out = tmp_path / "encode"
+    argv = [sys.executable, "-m", "components.encode", "--config-json", data.config(assets).to_json(),
+            "--input", f"conditioning={conditioning.uri}", "--output", str(out)]
+    process = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 180
+    while not commit_marks(out):
+        if process.poll() is not None:
+            pytest.fail(f"encode ended ({process.returncode}) before it could be killed: {process.stderr.read()[-1500:]!r}")
+        assert time.monotonic() < deadline, "no shard committed in time"
+        time.sleep(0.002)
+    os.kill(process.pid, signal.SIGKILL)
+    process.communicate(timeout=60)
+    assert process.returncode == -signal.SIGKILL
+    before = commit_marks(out)
+    assert 1 <= len(before) < len(conditioning.shards) and not (out / "manifest.json").exists()
+    (out / "data" / f".tmp-1234-{conditioning.shards[-1]['name']}.parquet").write_bytes(b"half a write")
+
+    result = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert json.loads(result.stdout.strip().splitlines()[-1])["rows_out"] == encoded.rows_out
-    assert first.stat().st_mtime == 1
-    assert not [p for p in crashed.rglob(".tmp-*")]
-    resumed = Manifest.load(str(crashed))
-    again, before = rows(resumed), rows(encoded)
-    assert again == before
+    assert {k: v for k, v in commit_marks(out).items() if k in before} == before, "finished shards were redone"
+    assert not [p for p in out.rglob(".tmp-*")]
+    resumed = Manifest.load(str(out))
+    again, uninterrupted = rows(resumed), rows(encoded)
+    assert again == uninterrupted
     assert len({r["id"] for r in again}) == len(again)
     assert (resumed.rows_out, resumed.rows_rejected, resumed.notes) == (encoded.rows_out, encoded.rows_rejected, encoded.notes)
+
+
+def commit_marks(folder: pathlib.Path) -> dict:
+    marks = folder / "_commits"
+    return {p.name: (p.stat().st_mtime_ns, p.read_text()) for p in marks.iterdir()
+            if p.suffix == ".json" and not p.name.startswith(".tmp-")} if marks.exists() else {}
 
 
 def test_resolution_not_divisible_by_8_fails_before_any_work(assets, conditioning, tmp_path):
