@@ -12,6 +12,7 @@ import glob
 import math
 import os
 import re
+import signal
 import sys
 import tempfile
 from collections import Counter
@@ -98,6 +99,17 @@ def quiet_file_descriptors(log_path: str):
         os.close(saved[1])
 
 
+@contextlib.contextmanager
+def own_sigint_handler():
+    """img2dataset.download installs a SIGINT handler that exits with status 0; put ours back after the call, so
+    that an interrupted stage fails instead of passing for a finished one."""
+    saved = signal.getsignal(signal.SIGINT)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, saved)
+
+
 def fetch(urls: list[tuple[str, str]], cfg) -> dict[str, dict]:
     """Run img2dataset on (key, url) pairs; return key -> its output row (status, error_message, jpg, ...)."""
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # else its import phones home (here and in the workers)
@@ -105,7 +117,7 @@ def fetch(urls: list[tuple[str, str]], cfg) -> dict[str, dict]:
 
     with tempfile.TemporaryDirectory(prefix="cnpipe-dl-") as tmp:
         pq.write_table(pa.table({"url": [u for _, u in urls], "row_key": [k for k, _ in urls]}), f"{tmp}/urls.parquet")
-        with quiet_file_descriptors(f"{tmp}/img2dataset.log"), guarded_spawned_workers():
+        with quiet_file_descriptors(f"{tmp}/img2dataset.log"), guarded_spawned_workers(), own_sigint_handler():
             img2dataset.download(
                 url_list=f"{tmp}/urls.parquet", input_format="parquet", url_col="url", save_additional_columns=["row_key"],
                 output_format="parquet", output_folder=f"{tmp}/out",

@@ -4,6 +4,7 @@ image pass through, and the address guard holds before download and on redirects
 from __future__ import annotations
 
 import io
+import signal
 import socket
 from collections import Counter
 
@@ -74,7 +75,8 @@ def seed_jpeg() -> bytes:
     return buffer.getvalue()
 
 
-def test_download_matrix(tmp_path, web, web_elsewhere, isolated_guard):
+@pytest.mark.parametrize("processes", [1, 2], ids=["one-process", "two-processes"])
+def test_download_matrix(tmp_path, web, web_elsewhere, isolated_guard, processes):
     urls = {
         "good": web.url("/good.jpg"),
         "redirect-good": web.redirect(web.url("/good.jpg")),
@@ -89,9 +91,11 @@ def test_download_matrix(tmp_path, web, web_elsewhere, isolated_guard):
         "ftp": "ftp://example.com/a.jpg",
     }
     image = seed_jpeg()
-    # one img2dataset call (it spawns processes: seconds each): the seed shard has nothing to download
+    # one img2dataset call (its workers are spawned processes), its URLs split over `processes` img2dataset shards
     inputs = {"retrieved": retrieved(tmp_path, urls), "seeds": seeds(tmp_path, image)}
-    manifest = download.run(config(allowed_networks=["127.0.0.1/32"]), inputs, str(tmp_path / "out"))
+    sigint = signal.getsignal(signal.SIGINT)
+    manifest = download.run(config(allowed_networks=["127.0.0.1/32"], processes_count=processes), inputs, str(tmp_path / "out"))
+    assert signal.getsignal(signal.SIGINT) is sigint  # img2dataset's handler (exit status 0 on Ctrl-C) is gone again
 
     assert manifest.rows_in == len(urls) + 1 == manifest.rows_out + manifest.rows_rejected
     rejected = {r["id"]: r for r in manifest.rejected_table().to_pylist()}
@@ -108,7 +112,7 @@ def test_download_matrix(tmp_path, web, web_elsewhere, isolated_guard):
     }
     assert all(r["stage"] == "download" and r["detail"] for r in rejected.values())
     assert manifest.rejections == dict(sorted(Counter(r["reason"] for r in rejected.values()).items()))
-    assert web_elsewhere.requests == []  # the guard ran inside img2dataset's spawned worker
+    assert web_elsewhere.requests == []  # the guard ran inside img2dataset's spawned workers
     assert manifest.notes == {"passed_through_with_image": 1}
     assert [s["name"] for s in manifest.shards] == ["laion_retrieval-part-00000", "hub_load-part-00000"]
 
