@@ -31,6 +31,8 @@ REJECTED_SCHEMA = pa.schema(
         ("detail", pa.string()),
     ]
 )
+# Columns holding encoded images (JPEG, PNG, WebP): written as they are, without compression or dictionary.
+ENCODED_IMAGE_COLUMNS = ("image", "control")
 
 
 class ContractError(RuntimeError):
@@ -180,7 +182,7 @@ class ShardedOutput:
             },
             schema=REJECTED_SCHEMA,
         )
-        storage.write_parquet_atomic(storage.join(self.uri, "data", f"{shard}.parquet"), table)
+        storage.write_parquet_atomic(storage.join(self.uri, "data", f"{shard}.parquet"), table, ENCODED_IMAGE_COLUMNS)
         storage.write_parquet_atomic(storage.join(self.uri, "rejected", f"{shard}.parquet"), rejected)
         storage.write_json_atomic(
             self._commit_url(shard),

@@ -76,9 +76,15 @@ def write_json_atomic(url: str, obj: Any) -> None:
     write_bytes_atomic(url, json.dumps(obj, indent=2, sort_keys=True).encode())
 
 
-def write_parquet_atomic(url: str, table: pa.Table) -> None:
+def write_parquet_atomic(url: str, table: pa.Table, stored_as_is: tuple[str, ...] = ()) -> None:
+    """zstd, dictionaries and min/max statistics, except for the `stored_as_is` columns (encoded images): JPEG
+    and PNG do not compress further, a dictionary of unique blobs is pure cost, and statistics over image bytes
+    mean nothing but cost the most (on a shard of 600 photos: 0.55 s -> 0.02 s to write, same size)."""
+    as_is = set(stored_as_is) & set(table.column_names)
+    rest = [name for name in table.column_names if name not in as_is]
     sink = pa.BufferOutputStream()
-    pq.write_table(table, sink, compression="zstd")
+    pq.write_table(table, sink, compression={name: "none" if name in as_is else "zstd" for name in table.column_names},
+                   use_dictionary=rest, write_statistics=rest)
     write_bytes_atomic(url, sink.getvalue().to_pybytes())
 
 
