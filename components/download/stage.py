@@ -17,6 +17,7 @@ import sys
 import tempfile
 from collections import Counter
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -110,8 +111,20 @@ def own_sigint_handler():
         signal.signal(signal.SIGINT, saved)
 
 
-def fetch(urls: list[tuple[str, str]], cfg) -> dict[str, dict]:
-    """Run img2dataset on (key, url) pairs; return key -> its output row (status, error_message, jpg, ...)."""
+class Fetched:
+    """img2dataset's output rows, by our row key: the small columns as Python values, the images left in Arrow
+    (never one Python bytes object per image: a shard's images are copied once, into the shard we write)."""
+
+    def __init__(self, table: pa.Table | None, encode_format: str):
+        self.images = table.column(encode_format) if table is not None else pa.chunked_array([], pa.binary())
+        columns = {name: table.column(name).to_pylist() if table is not None else []
+                   for name in ("row_key", "status", "error_message", "width", "height")}
+        self.position = {key: i for i, key in enumerate(columns["row_key"])}
+        self.status, self.error, self.width, self.height = (columns[n] for n in ("status", "error_message", "width", "height"))
+
+
+def fetch(urls: list[tuple[str, str]], cfg) -> Fetched:
+    """Run img2dataset on (key, url) pairs; return its output rows (status, error_message, image, size) by key."""
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # else its import phones home (here and in the workers)
     import img2dataset
 
@@ -130,11 +143,9 @@ def fetch(urls: list[tuple[str, str]], cfg) -> dict[str, dict]:
                 incremental_mode="incremental", enable_wandb=False, compute_hash=None, extract_exif=False,
                 distributor=cfg.distributor,
             )
-        rows: dict[str, dict] = {}
-        for path in sorted(glob.glob(f"{tmp}/out/*.parquet")):
-            for row in pq.read_table(path).to_pylist():
-                rows[row["row_key"]] = row
-        return rows
+        columns = ["row_key", "status", "error_message", "width", "height", cfg.encode_format]
+        parts = [pq.read_table(path, columns=columns) for path in sorted(glob.glob(f"{tmp}/out/*.parquet"))]
+        return Fetched(pa.concat_tables(parts) if parts else None, cfg.encode_format)
 
 
 def urls_to_fetch(table: pa.Table, policy: UrlPolicy, prefix: str) -> tuple[list[tuple[str, str]], list[Reject], Counter]:
@@ -159,33 +170,53 @@ def image_present(table: pa.Table) -> list[bool]:
     return table.column("image").is_valid().to_pylist()
 
 
-def shard_result(table: pa.Table, wanted: list[tuple[str, str]], fetched: dict[str, dict], prefix: str,
+def column_or(table: pa.Table, name: str, default=None) -> list:
+    return table.column(name).to_pylist() if name in table.column_names else [default] * table.num_rows
+
+
+def shard_result(table: pa.Table, wanted: list[tuple[str, str]], fetched: Fetched, prefix: str,
                  rejects: list[Reject], notes: Counter, cfg) -> ShardResult:
     """One shard's rows: passed-through images, fetched images, and a rejection for every other row."""
-    columns = set(table.column_names)
     asked = {key for key, _ in wanted}
-    out = {name: [] for name in IMAGE_SCHEMA.names}
-    for index, record in enumerate(table.to_pylist()):
-        image, width, height = record.get("image"), record.get("width"), record.get("height")
-        if image is None:
-            if f"{prefix}{index}" not in asked:
-                continue  # an unsafe URL, rejected by urls_to_fetch
-            got = fetched.get(f"{prefix}{index}")
-            if got is None:
-                rejects.append(Reject(record["id"], "download_missing", f"img2dataset returned no row for {record['url']}"))
-                continue
-            if got["status"] != "success":
-                rejects.append(Reject(record["id"], failure_reason(got.get("error_message")), f"{record['url']}: {got.get('error_message')}"))
-                continue
-            image, width, height = got[cfg.encode_format], got["width"], got["height"]
-        values = {
-            "id": record["id"], "image": image, "width": width, "height": height, "url": record.get("url"),
-            "source_caption": record.get("source_caption"),
-            "origin": record.get("origin") if "origin" in columns else "retrieval",
-            "similarity": record.get("similarity"), "query": record.get("query"),
-        }
-        for name in IMAGE_SCHEMA.names:
-            out[name].append(values[name])
+    ids, urls = table.column("id").to_pylist(), column_or(table, "url")
+    has_image, widths, heights = image_present(table), column_or(table, "width"), column_or(table, "height")
+    kept, image_from = [], []  # output rows (input row index), and where each one's image is: (False, input row) / (True, fetched row)
+    sizes = []
+    for index, row_id in enumerate(ids):
+        if has_image[index]:
+            kept.append(index)
+            image_from.append((False, index))
+            sizes.append((widths[index], heights[index]))
+            continue
+        key = f"{prefix}{index}"
+        if key not in asked:
+            continue  # an unsafe URL, rejected by urls_to_fetch
+        at = fetched.position.get(key)
+        if at is None:
+            rejects.append(Reject(row_id, "download_missing", f"img2dataset returned no row for {urls[index]}"))
+        elif fetched.status[at] != "success":
+            error = fetched.error[at]
+            rejects.append(Reject(row_id, failure_reason(error), f"{urls[index]}: {error}"))
+        else:
+            kept.append(index)
+            image_from.append((True, at))
+            sizes.append((fetched.width[at], fetched.height[at]))
+    from_fetch = np.array([f for f, _ in image_from], dtype=bool)
+    sources = np.array([i for _, i in image_from], dtype=np.int64)
+    # The shard's own images (passed through), then the downloaded ones, each in input order; then interleaved back.
+    own = table.column("image").take(sources[~from_fetch]) if (~from_fetch).any() else pa.chunked_array([], pa.binary())
+    downloaded = fetched.images.take(sources[from_fetch]) if from_fetch.any() else pa.chunked_array([], pa.binary())
+    order = np.empty(len(image_from), dtype=np.int64)
+    order[~from_fetch] = np.arange((~from_fetch).sum())
+    order[from_fetch] = (~from_fetch).sum() + np.arange(from_fetch.sum())
+    images = pa.chunked_array(own.chunks + downloaded.chunks, pa.binary()).take(order)
+    pick = lambda values: [values[i] for i in kept]  # noqa: E731
+    out = {
+        "id": pick(ids), "image": images,
+        "width": [w for w, _ in sizes], "height": [h for _, h in sizes], "url": pick(urls),
+        "source_caption": pick(column_or(table, "source_caption")), "origin": pick(column_or(table, "origin", "retrieval")),
+        "similarity": pick(column_or(table, "similarity")), "query": pick(column_or(table, "query")),
+    }
     return ShardResult(pa.table(out, schema=IMAGE_SCHEMA), rejects, notes)
 
 
@@ -193,7 +224,7 @@ def download_batch(tables: list[pa.Table], cfg, policy: UrlPolicy) -> list[Shard
     """One img2dataset call for the URLs of several shards; one result per shard."""
     checked = [urls_to_fetch(table, policy, f"{i}/") for i, table in enumerate(tables)]
     wanted = [pair for urls, _, _ in checked for pair in urls]
-    fetched = fetch(wanted, cfg) if wanted else {}
+    fetched = fetch(wanted, cfg) if wanted else Fetched(None, cfg.encode_format)
     return [shard_result(table, urls, fetched, f"{i}/", rejects, notes, cfg)
             for i, (table, (urls, rejects, notes)) in enumerate(zip(tables, checked))]
 

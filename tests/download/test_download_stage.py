@@ -173,3 +173,22 @@ def test_unknown_distributor_is_refused_before_any_download(tmp_path):
     with pytest.raises(pipeline_configs.ConfigError, match="download.distributor"):
         stage.run(cfg, {}, str(tmp_path / "out"))
     assert not (tmp_path / "out").exists()
+
+
+def test_shard_keeps_input_order_when_passed_through_and_downloaded_images_interleave():
+    """Rows of one shard: own images and downloaded ones alternate; the output keeps the input order, each row with
+    its own image bytes, and a failed download is rejected with img2dataset's reason."""
+    table = pa.table({"id": ["a", "b", "c", "d", "e"], "image": [None, b"own-b", None, b"own-d", None],
+                      "width": [None, 1, None, 2, None], "height": [None, 1, None, 2, None],
+                      "url": ["http://x/a", None, "http://x/c", None, "http://x/e"], "source_caption": list("abcde"),
+                      "origin": ["table:0", "folder:b", "table:2", "folder:d", "table:4"]}, schema=SEED_SCHEMA)
+    wanted = [("0/0", "http://x/a"), ("0/2", "http://x/c"), ("0/4", "http://x/e")]
+    got = pa.table({"row_key": ["0/4", "0/0", "0/2"], "status": ["success", "success", "failed_to_download"],
+                    "error_message": [None, None, "HTTP Error 404: Not Found"], "width": [5, 3, None],
+                    "height": [5, 3, None], "jpg": [b"fetched-e", b"fetched-a", None]})
+    result = download.shard_result(table, wanted, download.Fetched(got, "jpg"), "0/", [], Counter(), config().download)
+    rows = result.table.to_pylist()
+    assert [(r["id"], r["image"], r["width"]) for r in rows] == [
+        ("a", b"fetched-a", 3), ("b", b"own-b", 1), ("d", b"own-d", 2), ("e", b"fetched-e", 5)]
+    assert [r["origin"] for r in rows] == ["table:0", "folder:b", "folder:d", "table:4"]
+    assert [(r.id, r.reason) for r in result.rejects] == [("c", "http_404")]
