@@ -71,6 +71,9 @@ def test_disk_full_mid_shard_leaves_nothing_half_written(tmp_path, monkeypatch):
                 def __exit__(self, *exc):
                     handle.close()
 
+                def __getattr__(self, name):  # the rest of a file's interface (Parquet's writer asks for it)
+                    return getattr(handle, name)
+
                 def write(self, data):
                     handle.write(data[: len(data) // 2])
                     raise OSError(errno.ENOSPC, "No space left on device", path)
