@@ -5,10 +5,7 @@ from __future__ import annotations
 
 import io
 import json
-import os
-import signal
 import subprocess
-import time
 
 import numpy as np
 import pyarrow as pa
@@ -23,6 +20,7 @@ from components.conditioning.canny import CannyConditioner
 from components.conditioning.contract import NoControl
 from components.conditioning.pose import PoseConditioner
 from components.conditioning.stage import run
+from tests.stage_kill import kill_after_commits
 
 PALETTE = {tuple(c) for c in openpose_style.COLORS}
 
@@ -202,18 +200,7 @@ def test_sigkilled_conditioning_resumes_to_the_uninterrupted_result(tmp_path, ma
     config = conditioning_config(types=["canny", "pose"])
     out = tmp_path / "resumed"
     argv = helpers.argv(config.to_json(), str(out), many_images.uri)
-    process = subprocess.Popen(argv, env=helpers.env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 180
-    while not committed(out):
-        if process.poll() is not None:
-            pytest.fail(f"conditioning ended (status {process.returncode}) before it could be killed: {process.stderr.read()[-2000:]!r}")
-        if time.monotonic() > deadline:
-            process.kill()
-            pytest.fail("no shard committed within 180 s")
-        time.sleep(0.002)
-    os.kill(process.pid, signal.SIGKILL)
-    process.communicate(timeout=60)
-    assert process.returncode == -signal.SIGKILL
+    kill_after_commits(argv, helpers.env(), [out / "canny", out / "pose"])
     assert not (out / "summary.json").exists() and not (out / "canny" / "manifest.json").exists()
     before = committed(out)
     assert 1 <= len(before) < 2 * NUM_ROWS // ROWS_PER_SHARD

@@ -4,10 +4,8 @@ committed before the kill are not redone."""
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
-import time
 
 import numpy as np
 import pytest
@@ -15,6 +13,7 @@ from PIL import Image
 
 from cnpipe.dataset import Manifest
 from components.hub_load.stage import run
+from tests.stage_kill import commit_markers, kill_after_commits
 
 NUM_IMAGES = 60
 ROWS_PER_SHARD = 4
@@ -35,39 +34,13 @@ def seed_folder(tmp_path_factory, images):
     return folder
 
 
-def commit_markers(out) -> dict[str, tuple[int, str]]:
-    folder = out / "_commits"
-    if not folder.exists():
-        return {}
-    return {p.name: (p.stat().st_mtime_ns, p.read_text()) for p in folder.iterdir()
-            if p.suffix == ".json" and not p.name.startswith(".tmp-")}
-
-
-def kill_after_first_commit(argv: list[str], env: dict, out) -> subprocess.Popen:
-    process = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    commits = out / "_commits"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if commits.exists() and any(n.endswith(".json") and not n.startswith(".tmp-") for n in os.listdir(commits)):
-            os.kill(process.pid, signal.SIGKILL)
-            break
-        if process.poll() is not None:
-            pytest.fail(f"the stage ended (status {process.returncode}) before it could be killed: {process.stderr.read()[-2000:]!r}")
-        time.sleep(0.002)
-    else:
-        process.kill()
-        pytest.fail("no shard was committed within 120 s")
-    process.communicate(timeout=60)
-    return process
-
-
 def test_sigkilled_hub_load_resumes_to_the_uninterrupted_result(tmp_path, seed_folder, make_config, cli, dataset_rows, leftover_temporaries):
     argv, env = cli
     config = make_config(kind="folder", source=str(seed_folder), rows_per_shard=ROWS_PER_SHARD, max_image_side=160)
     out = tmp_path / "resumed"
     command = argv("hub_load", config.to_json(), str(out))
 
-    killed = kill_after_first_commit(command, env, out)
+    killed = kill_after_commits(command, env, [out])
     assert killed.returncode == -signal.SIGKILL
     assert not (out / "manifest.json").exists(), "the kill came too late: the stage had finished"
     before = commit_markers(out)

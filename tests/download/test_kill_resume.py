@@ -4,19 +4,18 @@ fetched twice: the rerun skips finished shards instead of downloading them again
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
-import time
 from collections import Counter
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-import pytest
 
 from cnpipe.dataset import Manifest, ShardedOutput, ShardResult
 from cnpipe.families import stage_command
 from components.laion_retrieval.stage import RETRIEVED_SCHEMA
 from test_download_stage import config
+
+from tests.stage_kill import commit_markers, kill_after_commits
 
 SHARDS, ROWS_PER_SHARD = 6, 4
 
@@ -33,12 +32,6 @@ def url_shards(tmp_path, web) -> Manifest:
         names.append(f"part-{shard:05d}")
         output.commit(names[-1], ShardResult(table), table.num_rows)
     return output.finalize(names, inputs=[])
-
-
-def committed(out) -> dict[str, tuple[int, str]]:
-    folder = out / "_commits"
-    return {p.name: (p.stat().st_mtime_ns, p.read_text()) for p in folder.iterdir()
-            if p.suffix == ".json" and not p.name.startswith(".tmp-")} if folder.exists() else {}
 
 
 def stage_env() -> dict:
@@ -60,25 +53,13 @@ def test_sigkilled_download_resumes_without_refetching_committed_shards(tmp_path
     out = tmp_path / "resumed"
     argv = stage_command("download", cfg.to_json(), {"retrieved": source.uri}, str(out))
 
-    process = subprocess.Popen(argv, env=stage_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                               start_new_session=True)
-    deadline = time.monotonic() + 180
-    while not committed(out):
-        if process.poll() is not None:
-            pytest.fail(f"download ended (status {process.returncode}) before it could be killed: {process.stderr.read()[-2000:]!r}")
-        if time.monotonic() > deadline:
-            os.killpg(process.pid, signal.SIGKILL)
-            pytest.fail("no shard committed within 180 s")
-        time.sleep(0.002)
-    os.killpg(process.pid, signal.SIGKILL)
-    process.communicate(timeout=60)
-    assert process.returncode == -signal.SIGKILL
-    before = committed(out)
+    kill_after_commits(argv, stage_env(), [out], whole_group=True)
+    before = commit_markers(out)
     assert 1 <= len(before) < SHARDS and not (out / "manifest.json").exists()
     fetched_before_kill = Counter(web.requests)
 
     run_stage(argv)
-    after = committed(out)
+    after = commit_markers(out)
     assert {name: after[name] for name in before} == before, "shards committed before the kill were redone"
     resumed = Manifest.load(str(out))
     done_first = {row_id for name in before

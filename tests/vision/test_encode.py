@@ -3,10 +3,8 @@ import io
 import json
 import os
 import pathlib
-import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pyarrow as pa
@@ -20,6 +18,7 @@ from cnpipe.dataset import ContractError, Manifest
 from cnpipe.tensors import from_bf16_bytes
 from components.encode import stage
 from pipeline_configs import ConfigError
+from tests.stage_kill import commit_markers, kill_after_commits
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 
@@ -98,35 +97,20 @@ def test_sigkilled_encode_resumes_to_the_uninterrupted_result(encoded, assets, c
     out = tmp_path / "encode"
     argv = [sys.executable, "-m", "components.encode", "--config-json", data.config(assets).to_json(),
             "--input", f"conditioning={conditioning.uri}", "--output", str(out)]
-    process = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 180
-    while not commit_marks(out):
-        if process.poll() is not None:
-            pytest.fail(f"encode ended ({process.returncode}) before it could be killed: {process.stderr.read()[-1500:]!r}")
-        assert time.monotonic() < deadline, "no shard committed in time"
-        time.sleep(0.002)
-    os.kill(process.pid, signal.SIGKILL)
-    process.communicate(timeout=60)
-    assert process.returncode == -signal.SIGKILL
-    before = commit_marks(out)
+    kill_after_commits(argv, None, [out], cwd=REPO)
+    before = commit_markers(out)
     assert 1 <= len(before) < len(conditioning.shards) and not (out / "manifest.json").exists()
     (out / "data" / f".tmp-1234-{conditioning.shards[-1]['name']}.parquet").write_bytes(b"half a write")
 
     result = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert {k: v for k, v in commit_marks(out).items() if k in before} == before, "finished shards were redone"
+    assert {k: v for k, v in commit_markers(out).items() if k in before} == before, "finished shards were redone"
     assert not [p for p in out.rglob(".tmp-*")]
     resumed = Manifest.load(str(out))
     again, uninterrupted = rows(resumed), rows(encoded)
     assert again == uninterrupted
     assert len({r["id"] for r in again}) == len(again)
     assert (resumed.rows_out, resumed.rows_rejected, resumed.notes) == (encoded.rows_out, encoded.rows_rejected, encoded.notes)
-
-
-def commit_marks(folder: pathlib.Path) -> dict:
-    marks = folder / "_commits"
-    return {p.name: (p.stat().st_mtime_ns, p.read_text()) for p in marks.iterdir()
-            if p.suffix == ".json" and not p.name.startswith(".tmp-")} if marks.exists() else {}
 
 
 def test_resolution_not_divisible_by_8_fails_before_any_work(assets, conditioning, tmp_path):

@@ -2,10 +2,8 @@
 an uninterrupted run's, with no duplicate row, no half shard, and committed shards not redone."""
 import os
 import pathlib
-import signal
 import subprocess
 import sys
-import time
 
 import pyarrow as pa
 import pytest
@@ -16,6 +14,7 @@ from cnpipe import images
 from cnpipe.dataset import Manifest, ShardedOutput, ShardResult
 from cnpipe.embedded import tiny_models
 from components.hub_load.stage import SEED_SCHEMA
+from tests.stage_kill import kill_after_commits
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 ROWS = 12
@@ -54,16 +53,7 @@ def test_sigkilled_stage_resumes_to_the_uninterrupted_result(setup, stage, tmp_p
     cfg, seeds = setup
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     out = tmp_path / "resumed"
-    process = subprocess.Popen(argv(stage, cfg, seeds, out), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 180
-    while len(commits(out)) < 2:
-        if process.poll() is not None:
-            pytest.fail(f"{stage} ended ({process.returncode}) before it could be killed: {process.stderr.read()[-1500:]!r}")
-        assert time.monotonic() < deadline, "no shard committed in time"
-        time.sleep(0.002)
-    os.kill(process.pid, signal.SIGKILL)
-    process.communicate(timeout=60)
-    assert process.returncode == -signal.SIGKILL
+    kill_after_commits(argv(stage, cfg, seeds, out), env, [out], commits=2)  # between two commits
     before = commits(out)
     assert 2 <= len(before) < ROWS and not (out / "manifest.json").exists()
     (out / "data" / ".tmp-dead-part-00011.parquet").write_bytes(b"half a shard")

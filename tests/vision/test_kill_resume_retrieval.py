@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import time
 
@@ -19,6 +18,7 @@ import pipeline_configs
 from cnpipe.dataset import Manifest, ShardedOutput, ShardResult
 from cnpipe.families import stage_command
 from components.laion_retrieval import index as knn_index
+from tests.stage_kill import commit_markers, kill_after_commits
 
 SHARDS, ROWS_PER_SHARD = 5, 3
 SEEDS_SCHEMA = pa.schema([("id", pa.string()), ("clip_embedding", pa.list_(pa.float32()))])
@@ -65,12 +65,6 @@ def seeds(tmp_path, vectors) -> Manifest:  # noqa: F811
     return output.finalize(names, inputs=[])
 
 
-def committed(out) -> dict[str, tuple[int, str]]:
-    folder = out / "_commits"
-    return {p.name: (p.stat().st_mtime_ns, p.read_text()) for p in folder.iterdir()
-            if p.suffix == ".json" and not p.name.startswith(".tmp-")} if folder.exists() else {}
-
-
 def env() -> dict:
     return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")]))}
 
@@ -88,24 +82,13 @@ def test_sigkilled_retrieval_resumes_to_the_uninterrupted_result(tmp_path, slow_
     out = tmp_path / "resumed"
     argv = stage_command("laion_retrieval", config.to_json(), {"embedded": source.uri}, str(out))
 
-    process = subprocess.Popen(argv, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 120
-    while not committed(out):
-        if process.poll() is not None:
-            pytest.fail(f"retrieval ended (status {process.returncode}) before it could be killed: {process.stderr.read()[-2000:]!r}")
-        if time.monotonic() > deadline:
-            process.kill()
-            pytest.fail("no shard committed within 120 s")
-        time.sleep(0.002)
-    process.kill()
-    process.communicate(timeout=60)
-    assert process.returncode == -signal.SIGKILL
-    before = committed(out)
+    kill_after_commits(argv, env(), [out])
+    before = commit_markers(out)
     assert 1 <= len(before) < SHARDS and not (out / "manifest.json").exists()
 
     done = subprocess.run(argv, env=env(), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    after = committed(out)
+    after = commit_markers(out)
     assert {name: after[name] for name in before} == before, "shards committed before the kill were redone"
     asked = queried_embeddings(slow_service)
     finished_first = [name.removesuffix(".json") for name in before]
