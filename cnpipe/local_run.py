@@ -24,6 +24,7 @@ from cnpipe.dataset import ContractError, Manifest, load_output
 from cnpipe.families import REPO_ROOT, family_python
 from components.registry import STAGES
 
+EMBEDDED_WEB_PORT = 48721  # loopback only; any free port would do, the same one each run is what matters
 STAGE_ORDER = [s for s, spec in STAGES.items() if s != "report" and not spec.output_dir] + ["report"]
 
 
@@ -46,13 +47,14 @@ def prepare_embedded(config, run_root: str, run_dir: pathlib.Path):
     _run_python("vision", "-m", "cnpipe.embedded.tiny_models", f"{assets}/models")
     _run_python("vision", "-m", "cnpipe.embedded.tiny_sd", f"{assets}/models")
     _run_python("vision", "-m", "components.depth.tiny_model", f"{assets}/models")
-    # The retrieved URLs name the service's port, so a resumed run serves on the port it used before
-    # (remembered on the storage root beside the run's outputs).
+    # The retrieved URLs name the service's port, and row ids (so the held-out split) come from the URLs: a
+    # resumed run serves on the port it used before (remembered on the storage root beside the run's outputs),
+    # a fresh one on the same default port, so that two runs give the same ids; a new port only if it is taken.
     remembered = storage.join(run_root, "_embedded", "local_web.json")
     previous = storage.read_json(remembered).get("port", 0) if storage.exists(remembered) else 0
     ready = run_dir / "local_web.json"
     web = None
-    for port in dict.fromkeys([previous, 0]):
+    for port in dict.fromkeys([previous or EMBEDDED_WEB_PORT, 0]):
         ready.unlink(missing_ok=True)
         web = subprocess.Popen(
             [family_python("vision"), "-m", "cnpipe.embedded.local_web", "--assets", assets,
@@ -67,8 +69,8 @@ def prepare_embedded(config, run_root: str, run_dir: pathlib.Path):
             break
         web.kill()
         if port:
-            print(f"port {port} of the earlier attempt is taken: serving on a new one (URLs retrieved before may now "
-                  "fail to download and are counted as such)", file=sys.stderr)
+            print(f"port {port} is taken: serving on a new one (row ids, which come from the URLs, differ from other "
+                  "runs'; URLs retrieved by an earlier attempt may now fail to download and are counted as such)", file=sys.stderr)
     else:
         raise RuntimeError("the embedded web/kNN service did not start (see its log above)")
     storage.write_bytes_atomic(remembered, ready.read_bytes())
