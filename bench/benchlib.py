@@ -116,6 +116,19 @@ def versions(*distributions: str) -> dict:
     return found
 
 
+def start_server(argv: list[str], ready_file: pathlib.Path, what: str, timeout_s: float = 60, **popen) -> tuple[subprocess.Popen, dict]:
+    """Start a server process that writes `ready_file` (JSON) once it listens; return it and that JSON."""
+    server = subprocess.Popen(argv, **popen)
+    deadline = time.time() + timeout_s
+    while not ready_file.exists():
+        if server.poll() is not None or time.time() > deadline:
+            server.kill()
+            raise RuntimeError(f"{what} did not start")
+        time.sleep(0.05)
+    time.sleep(0.05)  # the file may be written just before the server loop starts: give it a moment
+    return server, json.loads(ready_file.read_text())
+
+
 def write_result(name: str, payload: dict, libraries: tuple[str, ...] = ()) -> pathlib.Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
     payload = {"benchmark": name, "created": _dt.datetime.now().isoformat(timespec="seconds"),

@@ -24,7 +24,6 @@ import pathlib
 import subprocess
 import sys
 import tempfile
-import time
 
 import benchlib  # noqa: E402  (puts the repo on sys.path)
 
@@ -89,15 +88,9 @@ def serve(folder: str, ready_file: str) -> None:
 
 def start_web(folder: pathlib.Path, tmp: pathlib.Path):
     ready = tmp / "web.json"
-    web = subprocess.Popen([sys.executable, __file__, "--serve", str(folder), "--ready-file", str(ready)], env=ENV)
-    deadline = time.time() + 60
-    while not ready.exists():
-        if web.poll() is not None or time.time() > deadline:
-            web.kill()
-            raise RuntimeError("the loopback web server did not start")
-        time.sleep(0.05)
-    time.sleep(0.05)  # the file is written before serve_forever: give it a moment
-    return web, f"http://127.0.0.1:{json.loads(ready.read_text())['port']}"
+    web, info = benchlib.start_server([sys.executable, __file__, "--serve", str(folder), "--ready-file", str(ready)],
+                                      ready, "the loopback web server", env=ENV)
+    return web, f"http://127.0.0.1:{info['port']}"
 
 
 # ---------------------------------------------------------------- the two commands

@@ -117,18 +117,13 @@ def start_local_web(assets: pathlib.Path, config, tmp: pathlib.Path):
     from cnpipe.families import family_python
 
     ready = tmp / "local_web.json"
-    web = subprocess.Popen(
+    web, info = benchlib.start_server(
         [family_python("vision"), "-m", "cnpipe.embedded.local_web", "--assets", str(assets), "--clip-model",
          config.clip_embed.model, "--indice-name", config.retrieval.indice_name, "--ready-file", str(ready)],
+        ready, "the embedded web/kNN service", timeout_s=300,
         env={**os.environ, "PYTHONPATH": str(benchlib.REPO)}, cwd=benchlib.REPO, stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while not ready.exists():
-        if web.poll() is not None or time.time() > deadline:
-            web.kill()
-            raise RuntimeError("the embedded web/kNN service did not start")
-        time.sleep(0.2)
-    return web, json.loads(ready.read_text())["knn_url"]
+    return web, info["knn_url"]
 
 
 def run_data_half(config, root: pathlib.Path, stages: list[str]) -> dict:
