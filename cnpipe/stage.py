@@ -5,7 +5,9 @@ shards are skipped), accounting (rows in = rows out + rows rejected) and progres
 """
 from __future__ import annotations
 
-from typing import Callable, Sequence
+import contextlib
+import functools
+from typing import Any, Callable, ContextManager, Sequence
 
 import pyarrow as pa
 
@@ -76,24 +78,67 @@ def run_in_batches(
     batch_rows: int,
     columns: list[str] | None = None,
 ) -> "Manifest | StageOutput":
-    """run_per_shard for stages whose work has a fixed cost per call (img2dataset starts its worker processes):
-    consecutive unfinished shards are handed over together, up to `batch_rows` rows (0: one shard at a time),
-    and each shard is still committed on its own. A kill loses the batch in progress, never a committed shard."""
+    """run_per_shard for stages whose work has a fixed cost per call: consecutive unfinished shards are handed
+    over together, up to `batch_rows` rows (0: one shard at a time), and each shard is still committed on its own.
+    A kill loses the batch in progress, never a committed shard."""
+    def start(_, batch: list) -> list[Callable[[], ShardResult]]:
+        results: list[ShardResult] = []
+
+        def result(index: int) -> ShardResult:  # the batch's work runs when its first result is asked for
+            if not results:
+                results.extend(process_batch(batch))
+                if len(results) != len(batch):
+                    raise RuntimeError(f"{stage}: {len(results)} results for a batch of {len(batch)} shards")
+            return results[index]
+
+        return [functools.partial(result, i) for i in range(len(batch))]
+
+    return run_pipelined(stage, inputs, output_uri, config_hash, schema, start, batch_rows, columns)
+
+
+def run_pipelined(
+    stage: str,
+    inputs: Sequence[Manifest],
+    output_uri: str,
+    config_hash: str,
+    schema: pa.Schema,
+    start_batch: Callable[[Any, list[tuple[pa.Table, Manifest]]], list[Callable[[], ShardResult]]],
+    batch_rows: int,
+    columns: list[str] | None = None,
+    worker: Callable[[], ContextManager] = contextlib.nullcontext,
+) -> "Manifest | StageOutput":
+    """run_in_batches for stages whose work runs elsewhere (download's worker processes): `start_batch(worker,
+    batch)` starts a batch and returns, per shard, the call that waits for its result. The next batch is read
+    and started before the last one is committed, and each shard is committed as soon as its result is in, so
+    the workers never wait on a commit. `worker()` is entered only when there is work left (a rerun that finds
+    every shard done starts nothing) and left once the last batch is started, so that it winds down while that
+    batch is committed. A kill loses the batches in flight (two at most), never a committed shard."""
     output = ShardedOutput(output_uri, stage, config_hash, schema)
     plan = shard_plan(inputs)
     mine = my_part(plan)
     todo = [p for p in mine if not output.is_done(p[0])]
     progress = bar(stage, total=sum(rows for *_, rows in todo))
     progress.set_postfix_str(f"{len(plan) - len(todo)}/{len(plan)} shards already done", refresh=False)
-    for batch in _batches(todo, batch_rows):
-        tables = [(storage.read_parquet(storage.join(m.uri, "data", f"{in_name}.parquet"), columns=columns), m)
-                  for _, m, in_name, _ in batch]
-        results = process_batch(tables)
+
+    def commit(batch, tables, results) -> None:
         if len(results) != len(batch):
             raise RuntimeError(f"{stage}: {len(results)} results for a batch of {len(batch)} shards")
         for (out_name, *_, rows), (table, _), result in zip(batch, tables, results):
-            output.commit(out_name, result, rows_in=table.num_rows)
+            output.commit(out_name, result(), rows_in=table.num_rows)
             progress.update(rows)
+
+    in_flight = None
+    if todo:
+        with worker() as running:
+            for batch in _batches(todo, batch_rows):
+                tables = [(storage.read_parquet(storage.join(m.uri, "data", f"{in_name}.parquet"), columns=columns), m)
+                          for _, m, in_name, _ in batch]
+                started = (batch, tables, start_batch(running, tables))
+                if in_flight:
+                    commit(*in_flight)
+                in_flight = started
+    if in_flight:
+        commit(*in_flight)
     progress.close()
     return partial_output(output_uri, plan, mine) or output.finalize([p[0] for p in plan], inputs=[m.uri for m in inputs])
 

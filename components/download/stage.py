@@ -1,14 +1,15 @@
 """Download: every URL row becomes an image (via img2dataset) or a rejection with img2dataset's reason.
 
 Rows that already carry an image (the seeds) pass through, so this stage's output is the whole
-image set that captioning and conditioning work on. Consecutive input shards share one img2dataset
-call (up to download.batch_rows rows: its worker processes take seconds to start) and each is then
-committed on its own, so a rerun skips them; the call's URLs are split evenly over its processes.
+image set that captioning and conditioning work on. Consecutive input shards share one
+batch (up to download.batch_rows rows) and each is then committed on its own, so a rerun skips them. A
+batch's URLs are split evenly over img2dataset's worker processes (img2dataset_pool), which start with the
+stage and download the next batch while the last one is committed.
 """
 from __future__ import annotations
 
 import contextlib
-import glob
+import functools
 import math
 import os
 import re
@@ -16,13 +17,15 @@ import signal
 import sys
 import tempfile
 from collections import Counter
+from typing import Callable
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from cnpipe.dataset import Manifest, Reject, ShardResult
-from cnpipe.stage import run_in_batches
+from cnpipe.stage import run_pipelined
+from components.download.img2dataset_pool import Fetched, Img2datasetPool
 from components.download.url_guard import ENV_VAR, UnsafeUrl, UrlPolicy
 
 STAGE = "download"
@@ -61,21 +64,6 @@ def failure_reason(message: str | None) -> str:
 
 
 @contextlib.contextmanager
-def guarded_spawned_workers():
-    """img2dataset's workers are spawned processes, and a spawned child imports nothing of ours but the
-    parent's main module (never a package's `__main__`, e.g. `python -m components.download`'s). So while
-    they start, the main module is url_guard, whose import as a child's main installs the guard there."""
-    from components.download import url_guard
-
-    saved = sys.modules["__main__"]
-    sys.modules["__main__"] = url_guard
-    try:
-        yield
-    finally:
-        sys.modules["__main__"] = saved
-
-
-@contextlib.contextmanager
 def quiet_file_descriptors(log_path: str):
     """img2dataset's worker processes print per-shard stats and bars to fds 1 and 2; keep them in a log
     (shown when the call fails) so that our one progress bar stays readable."""
@@ -111,30 +99,38 @@ def own_sigint_handler():
         signal.signal(signal.SIGINT, saved)
 
 
-class Fetched:
-    """img2dataset's output rows, by our row key: the small columns as Python values, the images left in Arrow
-    (never one Python bytes object per image: a shard's images are copied once, into the shard we write)."""
+class Img2datasetCalls:
+    """One img2dataset.download() per batch, for the pyspark and ray distributors: it ships the Downloader to
+    your cluster's executors (the multiprocessing one is Img2datasetPool, without a call's start-up)."""
 
-    def __init__(self, table: pa.Table | None, encode_format: str):
-        self.images = table.column(encode_format) if table is not None else pa.chunked_array([], pa.binary())
-        columns = {name: table.column(name).to_pylist() if table is not None else []
-                   for name in ("row_key", "status", "error_message", "width", "height")}
-        self.position = {key: i for i, key in enumerate(columns["row_key"])}
-        self.status, self.error, self.width, self.height = (columns[n] for n in ("status", "error_message", "width", "height"))
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self.processes = max(1, cfg.processes_count)
+
+    def __enter__(self) -> "Img2datasetCalls":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+    def submit(self, groups: list[list[tuple[str, str]]], share_rows: int) -> list[Callable[[], Fetched]]:
+        """One call for every group (their keys are distinct), done before this returns."""
+        fetched = fetch([pair for urls in groups for pair in urls], share_rows, self.cfg)
+        return [lambda: fetched] * len(groups)
 
 
-def fetch(urls: list[tuple[str, str]], cfg) -> Fetched:
-    """Run img2dataset on (key, url) pairs; return its output rows (status, error_message, image, size) by key."""
-    os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # else its import phones home (here and in the workers)
+def fetch(urls: list[tuple[str, str]], share_rows: int, cfg) -> Fetched:
+    """Run img2dataset.download on (key, url) pairs; return its output rows (status, error_message, image, size) by key."""
+    os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # else its import phones home
     import img2dataset
 
     with tempfile.TemporaryDirectory(prefix="cnpipe-dl-") as tmp:
         pq.write_table(pa.table({"url": [u for _, u in urls], "row_key": [k for k, _ in urls]}), f"{tmp}/urls.parquet")
-        with quiet_file_descriptors(f"{tmp}/img2dataset.log"), guarded_spawned_workers(), own_sigint_handler():
+        with quiet_file_descriptors(f"{tmp}/img2dataset.log"), own_sigint_handler():
             img2dataset.download(
                 url_list=f"{tmp}/urls.parquet", input_format="parquet", url_col="url", save_additional_columns=["row_key"],
                 output_format="parquet", output_folder=f"{tmp}/out",
-                number_sample_per_shard=math.ceil(len(urls) / max(1, cfg.processes_count)),  # one share per process
+                number_sample_per_shard=share_rows,
                 image_size=cfg.image_size, resize_mode=cfg.resize_mode, resize_only_if_bigger=True,
                 min_image_size=cfg.min_image_size, max_aspect_ratio=cfg.max_aspect_ratio, max_image_area=89_478_485,
                 timeout=cfg.timeout_s, retries=cfg.retries, thread_count=cfg.thread_count,
@@ -143,9 +139,7 @@ def fetch(urls: list[tuple[str, str]], cfg) -> Fetched:
                 incremental_mode="incremental", enable_wandb=False, compute_hash=None, extract_exif=False,
                 distributor=cfg.distributor,
             )
-        columns = ["row_key", "status", "error_message", "width", "height", cfg.encode_format]
-        parts = [pq.read_table(path, columns=columns) for path in sorted(glob.glob(f"{tmp}/out/*.parquet"))]
-        return Fetched(pa.concat_tables(parts) if parts else None, cfg.encode_format)
+        return Fetched.read(f"{tmp}/out", cfg.encode_format)
 
 
 def urls_to_fetch(table: pa.Table, policy: UrlPolicy, prefix: str) -> tuple[list[tuple[str, str]], list[Reject], Counter]:
@@ -172,6 +166,20 @@ def image_present(table: pa.Table) -> list[bool]:
 
 def column_or(table: pa.Table, name: str, default=None) -> list:
     return table.column(name).to_pylist() if name in table.column_names else [default] * table.num_rows
+
+
+class RowSlices:
+    """Rows of a chunked column as one-row slices of their chunks (no copy), so that a shard's images, gathered
+    from its own column and from what img2dataset fetched, are copied once (ChunkedArray.take would first
+    concatenate every chunk of its source: each batch's images once per shard)."""
+
+    def __init__(self, column: pa.ChunkedArray | None):
+        self.chunks = column.chunks if column is not None else []
+        self.starts = np.cumsum([0] + [len(chunk) for chunk in self.chunks])
+
+    def __getitem__(self, row: int) -> pa.Array:
+        chunk = int(np.searchsorted(self.starts, row, side="right")) - 1
+        return self.chunks[chunk].slice(row - int(self.starts[chunk]), 1)
 
 
 def shard_result(table: pa.Table, wanted: list[tuple[str, str]], fetched: Fetched, prefix: str,
@@ -201,15 +209,9 @@ def shard_result(table: pa.Table, wanted: list[tuple[str, str]], fetched: Fetche
             kept.append(index)
             image_from.append((True, at))
             sizes.append((fetched.width[at], fetched.height[at]))
-    from_fetch = np.array([f for f, _ in image_from], dtype=bool)
-    sources = np.array([i for _, i in image_from], dtype=np.int64)
-    # The shard's own images (passed through), then the downloaded ones, each in input order; then interleaved back.
-    own = table.column("image").take(sources[~from_fetch]) if (~from_fetch).any() else pa.chunked_array([], pa.binary())
-    downloaded = fetched.images.take(sources[from_fetch]) if from_fetch.any() else pa.chunked_array([], pa.binary())
-    order = np.empty(len(image_from), dtype=np.int64)
-    order[~from_fetch] = np.arange((~from_fetch).sum())
-    order[from_fetch] = (~from_fetch).sum() + np.arange(from_fetch.sum())
-    images = pa.chunked_array(own.chunks + downloaded.chunks, pa.binary()).take(order)
+    own, downloaded = RowSlices(table.column("image") if any(has_image) else None), RowSlices(fetched.images)
+    slices = [downloaded[i] if from_fetch else own[i] for from_fetch, i in image_from]
+    images = pa.concat_arrays(slices) if slices else pa.array([], pa.binary())
     pick = lambda values: [values[i] for i in kept]  # noqa: E731
     out = {
         "id": pick(ids), "image": images,
@@ -220,13 +222,21 @@ def shard_result(table: pa.Table, wanted: list[tuple[str, str]], fetched: Fetche
     return ShardResult(pa.table(out, schema=IMAGE_SCHEMA), rejects, notes)
 
 
-def download_batch(tables: list[pa.Table], cfg, policy: UrlPolicy) -> list[ShardResult]:
-    """One img2dataset call for the URLs of several shards; one result per shard."""
+def start_batch(fetcher, tables: list[pa.Table], cfg, policy: UrlPolicy) -> list[Callable[[], ShardResult]]:
+    """Start fetching the URLs of several shards, split evenly over the fetcher's processes; returns, per shard,
+    the call that waits for its downloads and gives its result."""
     checked = [urls_to_fetch(table, policy, f"{i}/") for i, table in enumerate(tables)]
-    wanted = [pair for urls, _, _ in checked for pair in urls]
-    fetched = fetch(wanted, cfg) if wanted else Fetched(None, cfg.encode_format)
-    return [shard_result(table, urls, fetched, f"{i}/", rejects, notes, cfg)
-            for i, (table, (urls, rejects, notes)) in enumerate(zip(tables, checked))]
+    groups = [urls for urls, _, _ in checked]
+    wanted = sum(map(len, groups))
+    nothing = lambda: Fetched(None, cfg.encode_format)  # noqa: E731
+    fetches = fetcher.submit(groups, math.ceil(wanted / fetcher.processes)) if wanted else [nothing] * len(groups)
+    return [functools.partial(finish_shard, table, urls, fetch, f"{i}/", rejects, notes, cfg)
+            for i, (table, (urls, rejects, notes), fetch) in enumerate(zip(tables, checked, fetches))]
+
+
+def finish_shard(table: pa.Table, wanted: list[tuple[str, str]], fetch: Callable[[], Fetched], prefix: str,
+                 rejects: list[Reject], notes: Counter, cfg) -> ShardResult:
+    return shard_result(table, wanted, fetch(), prefix, rejects, notes, cfg)
 
 
 DISTRIBUTORS = ("multiprocessing", "pyspark", "ray")
@@ -243,11 +253,13 @@ def run(config, inputs: dict[str, Manifest], output_uri: str) -> Manifest:
         print(f"download: distributor {cfg.distributor!r} runs img2dataset on your cluster's executors; the private-address "
               "guard covers this process only, so restrict the executors' egress with a network policy", file=sys.stderr)
     policy = UrlPolicy(cfg.allow_file_urls, list(cfg.allowed_networks))
-    os.environ[ENV_VAR] = policy.to_env()  # for the guard in img2dataset's spawned workers
+    os.environ[ENV_VAR] = policy.to_env()  # for the guard in img2dataset's worker processes
     from components.download import url_guard
 
     url_guard.install(policy)
-    return run_in_batches(
+    fetcher = Img2datasetPool if cfg.distributor == "multiprocessing" else Img2datasetCalls
+    return run_pipelined(
         STAGE, list(inputs.values()), output_uri, config.section_hash("download"), IMAGE_SCHEMA,
-        lambda batch: download_batch([table for table, _ in batch], cfg, policy), cfg.batch_rows,
+        lambda running, batch: start_batch(running, [table for table, _ in batch], cfg, policy), cfg.batch_rows,
+        worker=lambda: fetcher(cfg),
     )

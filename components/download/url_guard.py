@@ -98,6 +98,3 @@ def install_from_env() -> None:
     if os.environ.get(ENV_VAR):
         install(UrlPolicy(**json.loads(os.environ[ENV_VAR])))
 
-
-if __name__ == "__mp_main__":  # the main module of a worker that img2dataset spawned (stage.guarded_spawned_workers)
-    install_from_env()

@@ -91,11 +91,11 @@ def test_download_matrix(tmp_path, web, web_elsewhere, isolated_guard, processes
         "ftp": "ftp://example.com/a.jpg",
     }
     image = seed_jpeg()
-    # one img2dataset call (its workers are spawned processes), its URLs split over `processes` img2dataset shards
+    # one batch (img2dataset's workers are spawned processes), its URLs split over `processes` img2dataset shards
     inputs = {"retrieved": retrieved(tmp_path, urls), "seeds": seeds(tmp_path, image)}
     sigint = signal.getsignal(signal.SIGINT)
     manifest = download.run(config(allowed_networks=["127.0.0.1/32"], processes_count=processes), inputs, str(tmp_path / "out"))
-    assert signal.getsignal(signal.SIGINT) is sigint  # img2dataset's handler (exit status 0 on Ctrl-C) is gone again
+    assert signal.getsignal(signal.SIGINT) is sigint  # no handler of img2dataset's (exit status 0 on Ctrl-C) is left
 
     assert manifest.rows_in == len(urls) + 1 == manifest.rows_out + manifest.rows_rejected
     rejected = {r["id"]: r for r in manifest.rejected_table().to_pylist()}
@@ -131,7 +131,13 @@ def test_download_matrix(tmp_path, web, web_elsewhere, isolated_guard, processes
 
 def test_without_allowed_networks_loopback_urls_are_refused_before_download(tmp_path, web, isolated_guard, monkeypatch):
     fetched = []
-    monkeypatch.setattr(download, "fetch", lambda urls, cfg: fetched.append(urls) or {})
+
+    class RecordingPool(download.Img2datasetCalls):
+        def submit(self, urls):
+            fetched.append(urls)
+            return super().submit(urls)
+
+    monkeypatch.setattr(download, "Img2datasetPool", RecordingPool)
     urls = {"good": web.url("/good.jpg"), "redirect": web.redirect("http://169.254.169.254/"),
             "localhost": web.url("/good.jpg").replace("127.0.0.1", "localhost"), "ipv6": "http://[::1]:9/a.jpg"}
     inputs = {"retrieved": retrieved(tmp_path, urls), "seeds": seeds(tmp_path, seed_jpeg(), web.url("/tiny.jpg"))}
