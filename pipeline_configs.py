@@ -89,7 +89,7 @@ class DownloadConfig:
     retries: int = 1
     thread_count: int = 32
     processes_count: int = 1
-    batch_rows: int = 10_000  # rows of consecutive input shards per img2dataset call (it starts its processes per call)
+    batch_rows: int = 10_000  # rows of consecutive input shards downloaded together (split evenly over the processes)
     encode_format: str = "jpg"
     encode_quality: int = 95
     allow_file_urls: bool = False

@@ -1,9 +1,9 @@
 """Download stage vs the img2dataset command line: the same URL list, served from a loopback web server.
 
-    PYTHONPATH=. .venvs/download/bin/python bench/download.py [--urls 300] [--repeats 3] [--threads 16]
+    PYTHONPATH=. .venvs/download/bin/python bench/download.py [--urls 1200] [--rows-per-shard 300] [--repeats 3] [--threads 16]
 
 ours        `python -m components.download` (the stage's command, as kfp runs it): reads the URL shards,
-            checks each URL against the guard, runs img2dataset.download per shard inside the stage
+            checks each URL against the guard, runs img2dataset's Downloader in its worker processes
             (guarded connections and redirects), maps every failure to a reason, commits Parquet shards.
 reference   `img2dataset --url_list urls.parquet --output_format parquet ...` with the same settings
             (image size, resize mode, threads, processes, timeouts, retries, encoding, hashing off).
@@ -133,14 +133,15 @@ def img2dataset_successes(folder: str) -> int:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--urls", type=int, default=300)
+    parser.add_argument("--urls", type=int, default=1200)
     parser.add_argument("--distinct", type=int, default=30, help="distinct images behind the URLs")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--image-size", type=int, default=512)
     parser.add_argument("--resize-mode", default="keep_ratio")
     parser.add_argument("--threads", type=int, default=16)
     parser.add_argument("--processes", type=int, default=1)
-    parser.add_argument("--rows-per-shard", type=int, default=0, help="URL rows per input shard of our stage (0: one shard)")
+    parser.add_argument("--rows-per-shard", type=int, default=300,
+                        help="URL rows per input shard of our stage (0: one shard); img2dataset reads one URL file")
     parser.add_argument("--serve", help=argparse.SUPPRESS)
     parser.add_argument("--ready-file", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)

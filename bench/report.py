@@ -48,7 +48,8 @@ def download(r: dict) -> list[str]:
     out = [f"**Download** (`bench/download.py`): {r['urls']} URLs ({r['distinct_images']} distinct JPEGs of 512–1024 px, mean "
            f"{r['mean_kb']:.0f} kB) from a loopback server; `python -m components.download` vs the `img2dataset` command, "
            f"same settings (image_size {r['image_size']} {r['resize_mode']}, {r['threads']} threads, {r['processes']} "
-           f"process(es)); whole commands timed, best of {r['repeats']}.", ""]
+           f"process(es); ours reads {r.get('input_shards_ours', 1)} input shard(s), img2dataset one URL file); whole commands "
+           f"timed, best of {r['repeats']}.", ""]
     res, speed = r["results"], r["speed_ratio"]
     rows = [["ours", res["ours"]["best_s"], res["ours"]["best_per_s"], sorted(set(r["downloaded"]["ours"]))],
             ["img2dataset", res["img2dataset"]["best_s"], res["img2dataset"]["best_per_s"], sorted(set(r["downloaded"]["img2dataset"]))]]

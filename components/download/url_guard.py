@@ -1,6 +1,7 @@
 """Refuse URLs that point inside the network: private, loopback, link-local (cloud metadata at
 169.254.169.254 included), shared (100.64.0.0/10), multicast and reserved addresses, and schemes other than http(s)
-(file only when allowed). Checked before download, at connect time and on every redirect.
+(file only when allowed). Checked before download (what the URL itself says: no DNS lookups, which would run one
+by one over millions of URLs), then resolved at connect time and on every redirect, in the downloading workers.
 """
 from __future__ import annotations
 
@@ -31,8 +32,9 @@ class UrlPolicy:
     def _allowed(self, address: ipaddress._BaseAddress) -> bool:
         return any(address in ipaddress.ip_network(n, strict=False) for n in self.allowed_networks)
 
-    def check(self, url: str) -> None:
-        """Raise UnsafeUrl(reason) unless `url` may be fetched."""
+    def check(self, url: str, resolve: bool = True) -> None:
+        """Raise UnsafeUrl(reason) unless `url` may be fetched. With resolve=False only what the URL says is
+        checked (scheme, an address literal, localhost); any other host name passes, to be resolved at connect time."""
         try:
             parts = urllib.parse.urlsplit(url)
         except ValueError as err:
@@ -45,12 +47,16 @@ class UrlPolicy:
             raise UnsafeUrl("unsupported_scheme", parts.scheme or "no scheme")
         if not parts.hostname:
             raise UnsafeUrl("invalid_url", "no host")
-        try:
-            infos = socket.getaddrinfo(parts.hostname, parts.port or 80, proto=socket.IPPROTO_TCP)
-        except (socket.gaierror, UnicodeError, ValueError) as err:
-            raise UnsafeUrl("dns_failure", f"{parts.hostname}: {err}") from None
-        for info in infos:
-            address = ipaddress.ip_address(info[4][0].split("%")[0])
+        addresses = _stated_addresses(parts.hostname)
+        if addresses is None:
+            if not resolve:
+                return
+            try:
+                infos = socket.getaddrinfo(parts.hostname, parts.port or 80, proto=socket.IPPROTO_TCP)
+            except (socket.gaierror, UnicodeError, ValueError) as err:
+                raise UnsafeUrl("dns_failure", f"{parts.hostname}: {err}") from None
+            addresses = [ipaddress.ip_address(info[4][0].split("%")[0]) for info in infos]
+        for address in addresses:
             if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
                 address = address.ipv4_mapped
             # not is_global adds shared address space 100.64.0.0/10 (Alibaba Cloud's metadata is 100.100.100.200)
@@ -61,6 +67,16 @@ class UrlPolicy:
 
     def to_env(self) -> str:
         return json.dumps({"allow_file_urls": self.allow_file_urls, "allowed_networks": self.allowed_networks})
+
+
+def _stated_addresses(host: str) -> list | None:
+    """The address a host name states without DNS: an IP literal, or loopback for localhost (RFC 6761)."""
+    if host == "localhost" or host.endswith(".localhost"):
+        return [ipaddress.ip_address("127.0.0.1")]
+    try:
+        return [ipaddress.ip_address(host.split("%")[0])]
+    except ValueError:
+        return None
 
 
 class _GuardedRedirects(urllib.request.HTTPRedirectHandler):

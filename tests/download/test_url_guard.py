@@ -143,3 +143,26 @@ def test_redirect_out_of_the_allowed_network_never_connects(web, web_elsewhere, 
     url_guard.install(UrlPolicy(allowed_networks=["127.0.0.0/8"]))  # the same redirect inside the allowed network
     assert urllib.request.urlopen(web.redirect(web_elsewhere.url("/good.jpg")), timeout=5).read() == web.files["/good.jpg"][1]
     assert web_elsewhere.requests == ["/good.jpg"]
+
+
+def test_up_front_check_looks_nothing_up_and_the_connect_time_check_resolves(monkeypatch, restore_opener):
+    """The stage vets every URL before download without DNS (a lookup per URL, one after another, would stall a
+    batch of thousands); a host name is resolved, and refused if internal, when a worker connects."""
+    lookups = []
+
+    def resolver(host, *args, **kwargs):
+        lookups.append(host)
+        return [(2, 1, 6, "", ("10.0.0.7", 80))]  # the name points inside the network
+
+    monkeypatch.setattr(url_guard.socket, "getaddrinfo", resolver)
+    policy = UrlPolicy()
+    policy.check("http://images.example.com/a.jpg", resolve=False)
+    for url in ("http://10.1.2.3/a.jpg", "http://localhost:5000/", "http://a.localhost/", "http://[::1]/"):
+        with pytest.raises(UnsafeUrl) as err:
+            policy.check(url, resolve=False)
+        assert err.value.reason == "unsafe_address"
+    assert lookups == []
+    url_guard.install(policy)
+    with pytest.raises(urllib.error.URLError, match="unsafe_address: images.example.com resolves to 10.0.0.7"):
+        urllib.request.urlopen("http://images.example.com/a.jpg", timeout=5)
+    assert lookups == ["images.example.com"]
