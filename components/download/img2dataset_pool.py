@@ -108,9 +108,19 @@ class Img2datasetPool:
         return self
 
     def __exit__(self, exc_type, *_) -> None:
-        # No more tasks come: the workers finish those queued and exit while the stage commits the last ones;
-        # after an error the queued ones are dropped.
-        self._executor.shutdown(wait=False, cancel_futures=exc_type is not None)
+        if exc_type is None:
+            # No more tasks come: the workers finish those queued and exit while the stage commits the last ones.
+            self._executor.shutdown(wait=False)
+            return
+        # After an error nothing they fetch would be committed: stop them now rather than let the interpreter's
+        # exit wait for a task of thousands of URLs. (ProcessPoolExecutor.terminate_workers from Python 3.14.)
+        if hasattr(self._executor, "terminate_workers"):
+            self._executor.terminate_workers()
+            return
+        workers = list((self._executor._processes or {}).values())  # shutdown forgets them
+        self._executor.shutdown(wait=False, cancel_futures=True)
+        for process in workers:
+            process.terminate()
 
     def submit(self, groups: list[list[tuple[str, str]]], share_rows: int) -> list[Callable[[], Fetched]]:
         """Start downloading groups of (row key, url) pairs (a shard's each) in tasks of at most `share_rows`;

@@ -25,21 +25,36 @@ def seed_folder(tmp_path, count=6):
     return folder
 
 
-def hub_load(tmp_path, output, **env):
+def hub_load(tmp_path, output, prefix=(), **env):
     cfg = pipeline_configs.embedded()
     cfg.hub_load.source = str(seed_folder(tmp_path))
     cfg.hub_load.rows_per_shard = 2
-    return subprocess.run([sys.executable, "-m", "components.hub_load", "--config-json", cfg.to_json(), "--output", str(output)],
-                          cwd=REPO, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO), **env})
+    argv = [*prefix, sys.executable, "-m", "components.hub_load", "--config-json", cfg.to_json(), "--output", str(output)]
+    return subprocess.run(argv, cwd=REPO, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO), **env})
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root writes through directory permissions")
+def as_bound_by_permissions() -> list[str]:
+    """A command prefix under which file permissions hold: none for a user; for root (CI containers), root
+    without the capabilities that override them (setpriv from util-linux), else the test cannot run."""
+    if os.geteuid() != 0:
+        return []
+    prefix = ["setpriv", "--bounding-set=-dac_override,-dac_read_search,-fowner"]
+    try:
+        probe = subprocess.run([*prefix, "true"], capture_output=True)
+    except FileNotFoundError:
+        pytest.skip("root, and no setpriv to drop the capabilities that override file permissions")
+    if probe.returncode != 0:
+        pytest.skip(f"root, and setpriv cannot drop capabilities here: {probe.stderr.decode().strip()}")
+    return prefix
+
+
 def test_read_only_output_is_a_clear_error(tmp_path):
     out = tmp_path / "ro"
     out.mkdir()
     out.chmod(0o500)
-    done = hub_load(tmp_path, out / "hub_load")
+    done = hub_load(tmp_path, out / "hub_load", prefix=as_bound_by_permissions())
     assert done.returncode == 3 and "cannot write its output" in done.stderr and "Traceback" not in done.stderr
+    assert list(out.iterdir()) == []  # nothing half-written
 
 
 def test_unwritable_output_is_a_clear_error(tmp_path):

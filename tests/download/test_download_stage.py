@@ -198,3 +198,34 @@ def test_shard_keeps_input_order_when_passed_through_and_downloaded_images_inter
         ("a", b"fetched-a", 3), ("b", b"own-b", 1), ("d", b"own-d", 2), ("e", b"fetched-e", 5)]
     assert [r["origin"] for r in rows] == ["table:0", "folder:b", "folder:d", "table:4"]
     assert [(r.id, r.reason) for r in result.rejects] == [("c", "http_404")]
+
+
+def test_an_error_mid_stage_stops_the_download_workers_at_once(tmp_path, web, isolated_guard, monkeypatch):
+    """The next batch is downloading while a shard is committed: when that commit fails, the workers are stopped
+    (nothing they fetch could be committed) instead of the stage waiting, at its exit, for their whole task."""
+    import multiprocessing
+    import time
+
+    web.photo_delay_s = 0.5  # the second batch: 12 photos on one thread, 6 s of downloading
+    output = ShardedOutput(str(tmp_path / "retrieved"), "laion_retrieval", "test", RETRIEVED_SCHEMA)
+    for shard, count in enumerate((1, 12)):
+        ids = [f"u{shard}-{row}" for row in range(count)]
+        output.commit(f"part-{shard:05d}", ShardResult(pa.table(
+            {"id": ids, "url": [web.url(f"/photo/{i}.jpg") for i in ids], "source_caption": ids,
+             "similarity": [0.5] * count, "query": ["q"] * count}, schema=RETRIEVED_SCHEMA)), count)
+    source = output.finalize(["part-00000", "part-00001"], inputs=[])
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(ShardedOutput, "commit", full_disk)
+    cfg = config(allowed_networks=["127.0.0.1/32"], batch_rows=1, thread_count=1)
+    with pytest.raises(OSError, match="No space left"):
+        download.run(cfg, {"retrieved": source}, str(tmp_path / "out"))
+    stopped = time.monotonic()
+    while multiprocessing.active_children() and time.monotonic() - stopped < 3:
+        time.sleep(0.05)
+    assert multiprocessing.active_children() == []
+    requests = len(web.requests)
+    time.sleep(1.0)
+    assert len(web.requests) == requests < 1 + 12  # nothing more was fetched after the error

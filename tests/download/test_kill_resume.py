@@ -47,7 +47,7 @@ def run_stage(argv: list[str]) -> None:
 
 def test_sigkilled_download_resumes_without_refetching_committed_shards(tmp_path, web):
     web.photo_delay_s = 0.05
-    # two shards per img2dataset call, two threads: three calls, the kill lands inside the second or third
+    # two shards per batch, two threads: three batches, the kill lands inside the second or third
     cfg = config(allowed_networks=["127.0.0.1/32"], batch_rows=2 * ROWS_PER_SHARD, thread_count=2)
     source = url_shards(tmp_path, web)
     out = tmp_path / "resumed"
