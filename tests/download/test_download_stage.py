@@ -229,3 +229,26 @@ def test_an_error_mid_stage_stops_the_download_workers_at_once(tmp_path, web, is
     requests = len(web.requests)
     time.sleep(1.0)
     assert len(web.requests) == requests < 1 + 12  # nothing more was fetched after the error
+
+
+def test_cluster_distributors_path_fetches_what_the_worker_pool_fetches(web, restore_opener, monkeypatch):
+    """pyspark and ray go through img2dataset.download() (Img2datasetCalls); run that path here with img2dataset's
+    multiprocessing distributor: the same rows come back, by key, as from the stage's own worker pool."""
+    from components.download.img2dataset_pool import Img2datasetPool
+    from components.download.url_guard import UrlPolicy
+
+    cfg = config(allowed_networks=["127.0.0.1/32"]).download
+    groups = [[("0/0", web.url("/good.jpg")), ("0/1", web.url("/missing.jpg"))], [("1/0", web.url("/tiny.jpg"))]]
+    monkeypatch.setenv(ENV_VAR, UrlPolicy(allowed_networks=["127.0.0.1/32"]).to_env())  # for the pool's workers
+    fetched = {}
+    for name, fetcher in (("pool", Img2datasetPool(cfg)), ("calls", download.Img2datasetCalls(cfg))):
+        with fetcher:
+            finishers = fetcher.submit(groups, 2)
+            assert len(finishers) == len(groups)
+            results = [finish() for finish in finishers]
+        fetched[name] = {key: (got.status[got.position[key]], got.width[got.position[key]], got.error[got.position[key]])
+                         for got, group in zip(results, groups) for key, _ in group}
+    assert fetched["pool"] == fetched["calls"]
+    assert fetched["pool"]["0/0"] == ("success", 120, None)
+    assert fetched["pool"]["0/1"][0] == "failed_to_download" and "404" in fetched["pool"]["0/1"][2]
+    assert fetched["pool"]["1/0"][0] == "failed_to_resize"
