@@ -10,7 +10,6 @@ the next batch downloads while the last one is committed.
 from __future__ import annotations
 
 import glob
-import math
 import os
 import shutil
 import tempfile
