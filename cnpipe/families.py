@@ -5,11 +5,13 @@ interpreter is named by CNPIPE_PYTHON_<FAMILY> or is the current one.
 """
 from __future__ import annotations
 
+import collections
 import json
 import os
 import pathlib
 import subprocess
 import sys
+import threading
 import time
 
 from cnpipe.dataset import Manifest, StageOutput, load_output
@@ -20,6 +22,43 @@ REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 class StageFailed(RuntimeError):
     pass
+
+
+TAIL_BYTES = 8192
+
+
+def _relay(source, sink, tail: collections.deque) -> None:
+    """Copy the stage's stderr through as it comes (progress bars included) and keep its last bytes."""
+    write = sink.buffer.write if hasattr(sink, "buffer") else lambda b: sink.write(b.decode(errors="replace"))
+    try:
+        while chunk := os.read(source.fileno(), 65536):
+            write(chunk)
+            sink.flush()
+            tail.extend(chunk)
+    except (OSError, ValueError):  # the pipe was closed under us after the stage ended
+        pass
+
+
+def last_lines(tail: bytes, count: int = 12) -> str:
+    """The last lines a failed stage printed (its traceback's end), without progress-bar redraws."""
+    lines = [line.rsplit("\r", 1)[-1].rstrip() for line in tail.decode(errors="replace").split("\n")]
+    return "\n".join([line for line in lines if line.strip()][-count:])
+
+
+def run_and_relay(argv: list[str], env: dict) -> tuple[int, str]:
+    """Run a stage with its stderr passed through live; return its exit status and the last lines it wrote,
+    so that a failure names its cause where the orchestrator reports it, not only in the stage's log."""
+    tail: collections.deque = collections.deque(maxlen=TAIL_BYTES)
+    with subprocess.Popen(argv, env=env, stderr=subprocess.PIPE) as process:
+        relay = threading.Thread(target=_relay, args=(process.stderr, sys.stderr, tail), daemon=True)
+        relay.start()
+        try:
+            returncode = process.wait()
+        except BaseException:
+            process.kill()
+            raise
+        relay.join(timeout=5)  # a worker the stage left behind may still hold the pipe open
+    return returncode, last_lines(bytes(tail))
 
 
 def family_python(family: str) -> str:
@@ -62,10 +101,10 @@ def run_stage(stage: str, config_json: str, inputs: dict[str, str], output_uri: 
         env["CNPIPE_FAMILY"] = family
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
     started = time.time()
-    completed = subprocess.run(argv, env=env)
-    _record_timing(stage, part, family, started, completed.returncode)
-    if completed.returncode != 0:
-        raise StageFailed(f"stage {stage} exited with status {completed.returncode} ({argv[0]})")
+    returncode, last_words = run_and_relay(argv, env)
+    _record_timing(stage, part, family, started, returncode)
+    if returncode != 0:
+        raise StageFailed(f"stage {stage} exited with status {returncode} ({argv[0]}); it last wrote:\n{last_words}")
     if part:
         return StageOutput(output_uri, {"part": part})
     if family:

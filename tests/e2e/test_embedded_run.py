@@ -23,7 +23,7 @@ def run_pipeline(root: str, run_id: str, env: dict | None = None, *extra: str) -
     env = {**(env or __import__("os").environ), **JAX_CACHE}
     argv = [sys.executable, "pipeline.py", "run", "--run-id", run_id, "--set", f"storage.root={root}", *LIGHT, *extra]
     done = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=900, env=env)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-6000:]
     return done.stdout
 
 
