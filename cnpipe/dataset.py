@@ -140,13 +140,16 @@ def schema_to_json(schema: pa.Schema) -> list[dict]:
 class ShardedOutput:
     """Writes a stage's output shard by shard, so a killed stage resumes where it stopped."""
 
-    def __init__(self, uri: str, stage: str, config_hash: str, schema: pa.Schema):
+    def __init__(self, uri: str, stage: str, config_hash: str, schema: pa.Schema, shards: list[str] | None = None):
+        """`shards`: the only shards this writer will commit, when it is one of a stage's shard groups running at
+        once; it then removes leftovers of those shards' writes only, never a file another group is writing."""
         self.uri = uri
         self.stage = stage
         self.config_hash = config_hash
         self.schema = schema
+        targets = None if shards is None else {f"{s}{ext}" for s in shards for ext in (".parquet", ".json")}
         for sub in ("data", "rejected", "_commits"):
-            storage.remove_temporaries(storage.join(uri, sub))
+            storage.remove_temporaries(storage.join(uri, sub), targets)
 
     def _commit_url(self, shard: str) -> str:
         return storage.join(self.uri, "_commits", f"{shard}.json")

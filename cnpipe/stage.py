@@ -35,6 +35,12 @@ def my_part(plan: list) -> list:
     return [p for i, p in enumerate(plan) if i % count == index]
 
 
+def written_shards(mine: list) -> list[str] | None:
+    """The shards a ShardedOutput of this process may clean up after: its own when it is one of several shard
+    groups running at once, all (None) otherwise."""
+    return None if _part is None else [p[0] for p in mine]
+
+
 def partial_output(uri: str, plan: list, mine: list) -> StageOutput | None:
     """What a shard-group pass returns (no manifest: the final pass writes it), or None when not partitioned."""
     if _part is None:
@@ -113,9 +119,9 @@ def run_pipelined(
     the workers never wait on a commit. `worker()` is entered only when there is work left (a rerun that finds
     every shard done starts nothing) and left once the last batch is started, so that it winds down while that
     batch is committed. A kill loses the batches in flight (two at most), never a committed shard."""
-    output = ShardedOutput(output_uri, stage, config_hash, schema)
     plan = shard_plan(inputs)
     mine = my_part(plan)
+    output = ShardedOutput(output_uri, stage, config_hash, schema, written_shards(mine))
     todo = [p for p in mine if not output.is_done(p[0])]
     progress = bar(stage, total=sum(rows for *_, rows in todo))
     progress.set_postfix_str(f"{len(plan) - len(todo)}/{len(plan)} shards already done", refresh=False)

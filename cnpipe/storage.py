@@ -17,6 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 _ATOMIC_UPLOAD_PROTOCOLS = {"gs", "gcs", "s3", "s3a", "az", "abfs", "memory"}
+_TMP_PREFIX = ".tmp-"
 
 
 def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
@@ -53,7 +54,7 @@ def _atomic_local_file(fs: fsspec.AbstractFileSystem, path: str):
     """A temporary file beside `path`, renamed to it once fully written and synced; removed on any failure."""
     parent = path.rsplit("/", 1)[0]
     fs.makedirs(parent, exist_ok=True)
-    tmp = f"{parent}/.tmp-{uuid.uuid4().hex}-{path.rsplit('/', 1)[-1]}"
+    tmp = f"{parent}/{_TMP_PREFIX}{uuid.uuid4().hex}-{path.rsplit('/', 1)[-1]}"
     try:
         with fs.open(tmp, "wb") as f:
             yield f
@@ -121,14 +122,21 @@ def list_names(url: str, suffix: str = "") -> list[str]:
     return sorted(n for n in names if n.endswith(suffix) and not n.startswith(".tmp-"))
 
 
-def remove_temporaries(url: str) -> None:
-    """Delete leftovers of writes that a killed process never renamed."""
+def remove_temporaries(url: str, targets: set[str] | None = None) -> None:
+    """Delete leftovers of writes that a killed process never renamed: all of them, or only those that were
+    to become one of `targets` (file names), when other writers may be at work in the same folder."""
     fs, path = filesystem(url)
     if not fs.exists(path):
         return
     for p in fs.ls(path, detail=False):
-        if p.rstrip("/").rsplit("/", 1)[-1].startswith(".tmp-"):
+        name = p.rstrip("/").rsplit("/", 1)[-1]
+        if name.startswith(_TMP_PREFIX) and (targets is None or temporary_target(name) in targets):
             fs.rm(p)
+
+
+def temporary_target(name: str) -> str:
+    """The file name a temporary (`.tmp-<hex>-<name>`) was to be renamed to."""
+    return name[len(_TMP_PREFIX):].split("-", 1)[-1]
 
 
 def iter_files(url: str) -> Iterator[str]:

@@ -23,7 +23,7 @@ import pyarrow as pa
 from cnpipe import images, storage
 from cnpipe.dataset import Manifest, Reject, ShardedOutput, ShardResult, StageOutput
 from cnpipe.progress import bar
-from cnpipe.stage import my_part, partial_output, shard_plan
+from cnpipe.stage import my_part, partial_output, shard_plan, written_shards
 from components.conditioning.contract import NoControl
 from components.registry import conditioner_class, conditioning_groups
 
@@ -120,9 +120,10 @@ def run(config, inputs: dict[str, Manifest], output_uri: str):
         raise ValueError(f"none of conditioning.types {all_types} is made in the {family!r} family")
     schema = source.arrow_schema().append(pa.field("caption", pa.string())).append(pa.field("control", pa.binary()))
     config_hash = config.section_hash("conditioning")
-    outputs = {name: ShardedOutput(storage.join(output_uri, name), f"{STAGE}/{name}", config_hash, schema) for name in cfg.types}
     plan = shard_plan([source])
     mine = my_part(plan)
+    outputs = {name: ShardedOutput(storage.join(output_uri, name), f"{STAGE}/{name}", config_hash, schema,
+                                   written_shards(mine)) for name in cfg.types}
     todo = [p for p in mine if not all(out.is_done(p[0]) for out in outputs.values())]
     workers = worker_count(cfg)
     conditioner_sets = ConditionerSets(cfg, workers)

@@ -81,6 +81,22 @@ def test_temporaries_are_invisible_and_removed_when_a_stage_starts(root):
     assert all(storage.exists(storage.join(root, sub, "keep.bin")) for sub in ("data", "rejected", "_commits"))
 
 
+def test_a_shard_group_starting_leaves_other_groups_writes_alone(root):
+    """Shard groups of one stage run at once (a ParallelFor): one starting must not delete the temporary file
+    another is writing into (it did: the other's commit then failed), only leftovers of its own shards."""
+    fs, _ = storage.filesystem(root)
+    other = storage.join(root, "data", "part-00000.parquet")
+    mine = storage.join(root, "data", ".tmp-0123abcd-part-00001.parquet")
+    fs.makedirs(storage.filesystem(storage.join(root, "data"))[1], exist_ok=True)
+    fs.pipe_file(storage.filesystem(mine)[1], b"left by a killed run of this group")
+    with storage._atomic_local_file(fs, storage.filesystem(other)[1]) as writing:
+        writing.write(b"group 0's shard")
+        ShardedOutput(root, "test", "hash", SCHEMA, shards=["part-00001"])
+    assert storage.read_bytes(other) == b"group 0's shard"
+    assert not storage.exists(mine)
+    assert [p for p in storage.iter_files(root) if ".tmp-" in p] == []
+
+
 def test_commit_refuses_rows_that_do_not_add_up_and_writes_nothing(root):
     output = ShardedOutput(root, "test", "hash", SCHEMA)
     with pytest.raises(ContractError, match=r"3 rows in but 1 out \+ 1 rejected"):
