@@ -52,7 +52,7 @@ from components.encode.component import encode  # noqa: E402
 from components.evaluate.component import evaluate  # noqa: E402
 from components.hub_load.component import hub_load  # noqa: E402
 from components.laion_retrieval.component import laion_retrieval  # noqa: E402
-from components.registry import conditioning_groups  # noqa: E402
+from components.registry import check_settings, conditioning_groups  # noqa: E402
 from components.report.component import report  # noqa: E402
 
 
@@ -110,7 +110,9 @@ def load_config(args) -> pipeline_configs.PipelineConfig:
     config = pipeline_configs.preset(args.preset)
     if args.config:
         config = pipeline_configs.from_json(pathlib.Path(args.config).read_text())
-    return pipeline_configs.with_overrides(config, args.set or [])
+    config = pipeline_configs.with_overrides(config, args.set or [])
+    check_settings(config)
+    return config
 
 
 def cmd_run(args) -> int:

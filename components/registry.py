@@ -11,27 +11,52 @@ class StageSpec:
     module: str  # run as `python -m <module>` in the family's interpreter
     family: str
     output_dir: str = ""  # under <root>/<run id>/; default: the stage's name
+    # "module:function" that checks this stage's settings from the config alone; importable in any family
+    # (no model libraries at import), so the driver runs every stage's check before the first task starts.
+    settings_check: str = ""
 
 
 STAGES = {
     s.name: s
     for s in [
-        StageSpec("hub_load", "components.hub_load", "core"),
+        StageSpec("hub_load", "components.hub_load", "core", settings_check="components.hub_load.stage:check_settings"),
         StageSpec("clip_embed", "components.clip_embed", "vision"),
         StageSpec("laion_retrieval", "components.laion_retrieval", "core"),
-        StageSpec("download", "components.download", "download"),
+        StageSpec("download", "components.download", "download", settings_check="components.download.stage:check_settings"),
         StageSpec("blip_caption", "components.blip_caption", "vision"),
-        StageSpec("conditioning", "components.conditioning", "conditioning"),
+        StageSpec("conditioning", "components.conditioning", "conditioning",
+                  settings_check="components.conditioning.stage:check_settings"),
         # When conditioning types span families, each family's task writes its types; this lists them all.
         StageSpec("conditioning_merge", "components.conditioning.merge", "core", output_dir="conditioning"),
         StageSpec("report", "components.report", "core"),
-        StageSpec("encode", "components.encode", "vision"),
-        StageSpec("controlnet_train", "components.controlnet_train", "train"),
-        StageSpec("evaluate", "components.evaluate", "vision"),
+        StageSpec("encode", "components.encode", "vision", settings_check="components.encode.inputs:check_settings"),
+        StageSpec("controlnet_train", "components.controlnet_train", "train",
+                  settings_check="components.controlnet_train.checks:check_config"),
+        StageSpec("evaluate", "components.evaluate", "vision", settings_check="components.evaluate.stage:check_settings"),
     ]
 }
 
 FAMILIES = ("core", "vision", "download", "conditioning", "train")
+
+
+def check_settings(config) -> None:
+    """Every stage's settings check, before any task runs: a bad value fails the run (or compile, or submit)
+    at once, naming its field, instead of when its stage is reached hours later. All problems at once."""
+    import importlib
+
+    from pipeline_configs import ConfigError
+
+    problems = []
+    for spec in STAGES.values():
+        if spec.settings_check:
+            module, _, function = spec.settings_check.partition(":")
+            try:
+                getattr(importlib.import_module(module), function)(config)
+            except ValueError as err:  # ConfigError and the train checks' TrainInputError
+                if not any(p.endswith(f": {err}") for p in problems):  # evaluate repeats encode's check
+                    problems.append(f"{spec.name}: {err}")
+    if problems:
+        raise ConfigError("; ".join(problems) if len(problems) == 1 else "\n  " + "\n  ".join(problems))
 
 # Conditioning types: name -> (class "module:Class" following components/conditioning/contract.py, the
 # image family whose environment has its libraries). A new type is a new folder and one line here;

@@ -106,12 +106,30 @@ def condition_shard(table: pa.Table, results: list, types: list[str], preference
     return out
 
 
-def run(config, inputs: dict[str, Manifest], output_uri: str):
+CAPTION_SOURCES = ("prefer_source", "blip", "source")
+
+
+def check_settings(config) -> None:
+    """The conditioning settings alone, checked before any image is read (and by the driver before any stage)."""
+    from pipeline_configs import ConfigError
+
     cfg = config.conditioning
     if not cfg.types:
-        raise ValueError("conditioning.types is empty: name at least one of the registered types")
-    if cfg.caption_source not in ("prefer_source", "blip", "source"):
-        raise ValueError(f"conditioning.caption_source must be prefer_source, blip or source, got {cfg.caption_source!r}")
+        raise ConfigError("conditioning.types is empty: name at least one of the registered types")
+    for name in cfg.types:
+        try:
+            conditioning_groups([name])
+        except ValueError as err:
+            raise ConfigError(f"conditioning.types: {err}") from None
+    if cfg.caption_source not in CAPTION_SOURCES:
+        raise ConfigError(f"conditioning.caption_source must be one of {', '.join(CAPTION_SOURCES)}, got {cfg.caption_source!r}")
+    if cfg.workers < 0:
+        raise ConfigError(f"conditioning.workers must be 0 (one per core) or more, got {cfg.workers}")
+
+
+def run(config, inputs: dict[str, Manifest], output_uri: str):
+    check_settings(config)
+    cfg = config.conditioning
     (source,) = inputs.values()
     all_types = list(cfg.types)
     family = os.environ.get("CNPIPE_FAMILY", "")

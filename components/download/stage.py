@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import ipaddress
 import math
 import os
 import re
@@ -242,12 +243,28 @@ def finish_shard(table: pa.Table, wanted: list[tuple[str, str]], fetch: Callable
 DISTRIBUTORS = ("multiprocessing", "pyspark", "ray")
 
 
-def run(config, inputs: dict[str, Manifest], output_uri: str) -> Manifest:
+def check_settings(config) -> None:
+    """The download settings alone, checked before any URL is read (and by the driver before any stage)."""
+    from pipeline_configs import ConfigError
+
     cfg = config.download
     if cfg.distributor not in DISTRIBUTORS:
-        from pipeline_configs import ConfigError
-
         raise ConfigError(f"download.distributor must be one of {', '.join(DISTRIBUTORS)}, got {cfg.distributor!r}")
+    for name in ("processes_count", "thread_count"):
+        if getattr(cfg, name) < 1:
+            raise ConfigError(f"download.{name} must be at least 1, got {getattr(cfg, name)}")
+    if cfg.batch_rows < 0:
+        raise ConfigError(f"download.batch_rows must be 0 (one shard at a time) or more, got {cfg.batch_rows}")
+    for network in cfg.allowed_networks:
+        try:
+            ipaddress.ip_network(network, strict=False)
+        except ValueError as err:
+            raise ConfigError(f"download.allowed_networks: {err}") from None
+
+
+def run(config, inputs: dict[str, Manifest], output_uri: str) -> Manifest:
+    check_settings(config)
+    cfg = config.download
     if cfg.distributor != "multiprocessing":
         # img2dataset ships its downloader to the cluster's executors, which never import our guard.
         print(f"download: distributor {cfg.distributor!r} runs img2dataset on your cluster's executors; the private-address "

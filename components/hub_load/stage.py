@@ -55,7 +55,7 @@ def records(config) -> Iterator[sources.RawRecord]:
     elif cfg.kind == "table":
         stream = sources.from_table(cfg.source, cfg.url_column, cfg.caption_column, cfg.id_column)
     else:
-        raise ValueError(f"hub_load.kind must be one of hf, folder, table; got {cfg.kind!r}")
+        raise ValueError(f"hub_load.kind must be one of {', '.join(KINDS)}; got {cfg.kind!r}")
     return itertools.islice(stream, cfg.max_rows) if cfg.max_rows else stream
 
 
@@ -88,7 +88,27 @@ def normalise(batch: list[sources.RawRecord], seen: set[str], cfg) -> ShardResul
     return ShardResult(pa.table(rows, schema=SEED_SCHEMA), rejects, notes)
 
 
+KINDS = ("hf", "folder", "table")
+
+
+def check_settings(config) -> None:
+    """The hub_load settings alone, checked before any row is read (and by the driver before any stage)."""
+    from pipeline_configs import ConfigError
+
+    cfg = config.hub_load
+    if cfg.kind not in KINDS:
+        raise ConfigError(f"hub_load.kind must be one of {', '.join(KINDS)}, got {cfg.kind!r}")
+    if not cfg.source:
+        raise ConfigError(f"hub_load.source is empty: name the {cfg.kind} source to load")
+    if cfg.rows_per_shard < 1 or cfg.max_rows < 0:
+        raise ConfigError(f"hub_load.rows_per_shard must be at least 1 and hub_load.max_rows at least 0 (all rows), "
+                          f"got {cfg.rows_per_shard} and {cfg.max_rows}")
+    if not 1 <= cfg.min_image_side <= cfg.max_image_side:
+        raise ConfigError(f"hub_load needs 1 <= min_image_side <= max_image_side, got {cfg.min_image_side} and {cfg.max_image_side}")
+
+
 def run(config, inputs: dict[str, Manifest], output_uri: str) -> Manifest:
+    check_settings(config)
     cfg = config.hub_load
     output = ShardedOutput(output_uri, STAGE, config.section_hash("hub_load"), SEED_SCHEMA)
     seen: set[str] = set()

@@ -185,3 +185,53 @@ def test_hub_load_module_exits_2_naming_the_field_before_any_work(tmp_path, imag
     assert f"'{field}'" in done.stderr
     assert "Traceback" not in done.stderr
     assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "override, field",
+    [
+        ("hub_load.kind=parquet", "hub_load.kind"),
+        ("hub_load.rows_per_shard=0", "hub_load.rows_per_shard"),
+        ("download.distributor=dask", "download.distributor"),
+        ("download.thread_count=0", "download.thread_count"),
+        ('download.allowed_networks=["10.0.0.0/33"]', "download.allowed_networks"),
+        ('conditioning.types=["canny","edges"]', "conditioning.types"),
+        ("conditioning.caption_source=alt_text", "conditioning.caption_source"),
+        ("encode.caption_source=alt_text", "encode.caption_source"),
+        ("encode.holdout_fraction=1.5", "encode.holdout_fraction"),
+        ("train.max_steps=0", "train.max_steps"),
+        ("train.lr_schedule=step", "train.lr_schedule"),
+        ("evaluate.num_samples=0", "evaluate.num_samples"),
+    ],
+)
+def test_every_stage_settings_check_names_the_field(override, field):
+    from components.registry import check_settings
+
+    config = pipeline_configs.with_overrides(pipeline_configs.embedded("/assets"), [override])
+    with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+        check_settings(config)
+
+
+@pytest.mark.parametrize("name", sorted(pipeline_configs.PRESETS))
+def test_every_preset_passes_every_stage_settings_check(name):
+    from components.registry import check_settings
+
+    check_settings(pipeline_configs.preset(name))
+
+
+@pytest.mark.parametrize("command", [["run", "--run-id", "bad"], ["compile", "-o", "never.yaml"]])
+def test_driver_refuses_bad_settings_of_later_stages_before_any_task(tmp_path, command):
+    """A value that only encode, download or training would trip on fails the whole run at once (not after the
+    stages before it have run for hours), every problem listed with its field, and nothing is written."""
+    import pathlib
+    import sys
+
+    repo = pathlib.Path(__file__).resolve().parents[2]
+    argv = [sys.executable, "pipeline.py", *command, "--set", f"storage.root={tmp_path}", "--set", "encode.resolution=60",
+            "--set", "download.thread_count=0", "--set", 'conditioning.types=["canny","edges"]']
+    done = subprocess.run(argv, cwd=repo, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr
+    for field in ("encode.resolution", "download.thread_count", "'edges'"):
+        assert field in done.stderr
+    assert "Traceback" not in done.stderr
+    assert list(tmp_path.iterdir()) == [] and not (repo / "never.yaml").exists()
