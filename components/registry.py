@@ -55,6 +55,9 @@ def check_settings(config) -> None:
             except ValueError as err:  # ConfigError and the train checks' TrainInputError
                 if not any(p.endswith(f": {err}") for p in problems):  # evaluate repeats encode's check
                     problems.append(f"{spec.name}: {err}")
+    wanted, made = config.encode.conditioning_type, list(config.conditioning.types)
+    if made and wanted not in made:  # in the DAG, encode and evaluate read what conditioning made
+        problems.append(f"encode: encode.conditioning_type={wanted!r} is not among conditioning.types {made}")
     if problems:
         raise ConfigError("; ".join(problems) if len(problems) == 1 else "\n  " + "\n  ".join(problems))
 

@@ -202,12 +202,14 @@ def test_hub_load_module_exits_2_naming_the_field_before_any_work(tmp_path, imag
         ("train.max_steps=0", "train.max_steps"),
         ("train.lr_schedule=step", "train.lr_schedule"),
         ("evaluate.num_samples=0", "evaluate.num_samples"),
+        ("encode.conditioning_type=pose", "encode.conditioning_type"),
     ],
 )
 def test_every_stage_settings_check_names_the_field(override, field):
     from components.registry import check_settings
 
-    config = pipeline_configs.with_overrides(pipeline_configs.embedded("/assets"), [override])
+    canny_only = 'conditioning.types=["canny"]'
+    config = pipeline_configs.with_overrides(pipeline_configs.embedded("/assets"), [canny_only, override])
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
         check_settings(config)
 
