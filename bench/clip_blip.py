@@ -14,7 +14,10 @@ Model sizes (random weights, built from configs, nothing downloaded):
   tiny    the embedded tiny CLIP/BLIP (cnpipe/embedded/tiny_models.py, 64 px, hidden 32): per-image Python
           overhead dominates, which is what batching saves.
   small   ViT 224 px / patch 16, hidden 256, 6 vision layers (CLIP text 4, BLIP decoder 4 layers): the
-          model's compute matters, as with real checkpoints. Built once under .cache/bench/models/.
+          model's compute matters, as with real checkpoints, so the stages run at their own default batch
+          sizes (clip_embed 32, caption 16; the embedded preset's 8 suits its 15 images). Built once under
+          .cache/bench/models/.
+Each model size runs in a fresh process (both sides inside it), as a stage does in a pipeline.
 Writes bench/results/clip_blip.json.
 """
 from __future__ import annotations
@@ -31,7 +34,9 @@ import benchlib  # noqa: E402  (puts the repo on sys.path)
 from cnpipe import images  # noqa: E402  (the stages' decoder: CMYK, 16-bit and alpha made RGB the same way)
 
 SMALL_MODELS = benchlib.REPO / ".cache" / "bench" / "models"
-DEFAULT_IMAGES = {"tiny": 480, "small": 144}
+# images per run, by model size and stage: a small CLIP run of 144 images lasts ~3 s, short enough for this
+# machine's noise to move the ratio by 20 %; BLIP's batch-1 reference is slow and its margin wide.
+DEFAULT_IMAGES = {"tiny": {"clip": 480, "blip": 480}, "small": {"clip": 480, "blip": 144}}
 
 
 # ---------------------------------------------------------------- the models
@@ -172,18 +177,25 @@ def bench_size(size: str, count: int, repeats: int, rows_per_shard: int, batch_s
     overrides = [f"clip_embed.model={clip_id}", f"caption.model={blip_id}"]
     if batch_size:
         overrides += [f"clip_embed.batch_size={batch_size}", f"caption.batch_size={batch_size}"]
+    elif size == "small":  # stands for a real checkpoint: the stages' own default batch sizes, as in production
+        overrides += [f"clip_embed.batch_size={pipeline_configs.ClipEmbedConfig().batch_size}",
+                      f"caption.batch_size={pipeline_configs.CaptionConfig().batch_size}"]
     config = pipeline_configs.with_overrides(pipeline_configs.embedded(), overrides)
-    blobs = benchlib.replicate(benchlib.usable_images(benchlib.ensure_assets()), count)
-    print(f"[{size}] {len(blobs)} images, batch {config.clip_embed.batch_size} (clip) / {config.caption.batch_size} (blip), "
+    counts = {"clip": count or DEFAULT_IMAGES[size]["clip"], "blip": count or DEFAULT_IMAGES[size]["blip"]}
+    pool = benchlib.replicate(benchlib.usable_images(benchlib.ensure_assets()), max(counts.values()))
+    print(f"[{size}] {counts} images, batch {config.clip_embed.batch_size} (clip) / {config.caption.batch_size} (blip), "
           f"{rows_per_shard} rows/shard, torch threads {__import__('torch').get_num_threads()}", file=sys.stderr)
-    entry = {"images": len(blobs), "clip_model": clip_id, "blip_model": blip_id,
+    entry = {"images": counts, "clip_model": clip_id, "blip_model": blip_id,
              "clip_batch_size": config.clip_embed.batch_size, "blip_batch_size": config.caption.batch_size,
              "load_s": {"clip": load_seconds(CLIPModel, CLIPImageProcessor, clip_id),
                         "blip": load_seconds(BlipForConditionalGeneration, AutoProcessor, blip_id)}}
     with tempfile.TemporaryDirectory(prefix="bench-clip-blip-") as root:
-        manifest = benchlib.write_dataset(f"{root}/input", benchlib.image_rows(blobs), SEED_SCHEMA, rows_per_shard, "hub_load")
-        for name, module, reference in (("clip", clip_stage, clip_reference(clip_id, blobs)),
-                                        ("blip", blip_stage, blip_reference(blip_id, blobs, config.caption))):
+        for name, module, make_reference in (("clip", clip_stage, lambda b: clip_reference(clip_id, b)),
+                                             ("blip", blip_stage, lambda b: blip_reference(blip_id, b, config.caption))):
+            blobs = pool[: counts[name]]
+            manifest = benchlib.write_dataset(f"{root}/input-{name}", benchlib.image_rows(blobs), SEED_SCHEMA, rows_per_shard,
+                                              "hub_load")
+            reference = make_reference(blobs)
             print(f"[{size} {name}]", file=sys.stderr)
             ours = our_stage(module, config, manifest, root, name)
             seconds = benchlib.interleaved({"ours": ours, "reference": reference}, repeats)
@@ -202,24 +214,35 @@ def bench_size(size: str, count: int, repeats: int, rows_per_shard: int, batch_s
     return entry
 
 
+def bench_size_alone(*args) -> dict:
+    """bench_size in a fresh process: the stage runs in a process of its own in a pipeline, and one model size's
+    threads, allocations and caches must not weigh on the next size's timings (both sides run in that process)."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(bench_size, *args).result()
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model-size", choices=["tiny", "small", "both"], default="both")
     parser.add_argument("--images", type=int, default=0, help=f"images per run (default: {DEFAULT_IMAGES})")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--rows-per-shard", type=int, default=64)
-    parser.add_argument("--batch-size", type=int, default=0, help="the stages' batch size (default: the embedded preset's)")
+    parser.add_argument("--batch-size", type=int, default=0,
+                        help="the stages' batch size (default: the embedded preset's for tiny, the stages' own defaults for small)")
     args = parser.parse_args(argv)
     os.environ.pop("CUDA_VISIBLE_DEVICES", None)
 
     sizes = ["tiny", "small"] if args.model_size == "both" else [args.model_size]
-    results = {size: bench_size(size, args.images or DEFAULT_IMAGES[size], args.repeats, args.rows_per_shard, args.batch_size)
-               for size in sizes}
+    results = {size: bench_size_alone(size, args.images, args.repeats, args.rows_per_shard,
+                                      args.batch_size) for size in sizes}
     rows = []
     for size, e in results.items():
         for name in ("clip", "blip"):
             r = e[name]
-            rows.append([f"{name} {size}", e["images"], r["ours"]["best_per_s"], r["reference"]["best_per_s"],
+            rows.append([f"{name} {size}", e["images"][name], r["ours"]["best_per_s"], r["reference"]["best_per_s"],
                          r["ratio"]["best"], r["ratio"]["median"], "yes" if r["same_output"] else "NO"])
     print(f"\nCLIP embed / BLIP caption vs a plain transformers loop at batch 1, images/s (best of {args.repeats}), "
           "model load included on both sides; ratio = ours/reference throughput")
