@@ -116,11 +116,10 @@ def check_settings(config) -> None:
     cfg = config.conditioning
     if not cfg.types:
         raise ConfigError("conditioning.types is empty: name at least one of the registered types")
-    for name in cfg.types:
-        try:
-            conditioning_groups([name])
-        except ValueError as err:
-            raise ConfigError(f"conditioning.types: {err}") from None
+    try:
+        conditioning_groups(list(cfg.types))  # every type registered
+    except ValueError as err:
+        raise ConfigError(f"conditioning.types: {err}") from None
     if cfg.caption_source not in CAPTION_SOURCES:
         raise ConfigError(f"conditioning.caption_source must be one of {', '.join(CAPTION_SOURCES)}, got {cfg.caption_source!r}")
     if cfg.workers < 0:
