@@ -15,6 +15,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 
+# conditioning.caption_source and encode.caption_source: which caption a row carries on
+CAPTION_SOURCES = ("prefer_source", "blip", "source")
+
+
 class ConfigError(ValueError):
     """A config that cannot be used; the message names the field."""
 

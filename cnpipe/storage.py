@@ -119,7 +119,7 @@ def list_names(url: str, suffix: str = "") -> list[str]:
     if not fs.exists(path):
         return []
     names = [p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False)]
-    return sorted(n for n in names if n.endswith(suffix) and not n.startswith(".tmp-"))
+    return sorted(n for n in names if n.endswith(suffix) and not n.startswith(_TMP_PREFIX))
 
 
 def remove_temporaries(url: str, targets: set[str] | None = None) -> None:

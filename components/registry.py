@@ -61,6 +61,7 @@ def check_settings(config) -> None:
     if problems:
         raise ConfigError("; ".join(problems) if len(problems) == 1 else "\n  " + "\n  ".join(problems))
 
+
 # Conditioning types: name -> (class "module:Class" following components/conditioning/contract.py, the
 # image family whose environment has its libraries). A new type is a new folder and one line here;
 # configs pick types by name (conditioning.types), and each family's types run in that family's task.

@@ -106,12 +106,9 @@ def condition_shard(table: pa.Table, results: list, types: list[str], preference
     return out
 
 
-CAPTION_SOURCES = ("prefer_source", "blip", "source")
-
-
 def check_settings(config) -> None:
     """The conditioning settings alone, checked before any image is read (and by the driver before any stage)."""
-    from pipeline_configs import ConfigError
+    from pipeline_configs import CAPTION_SOURCES, ConfigError
 
     cfg = config.conditioning
     if not cfg.types:

@@ -1,7 +1,7 @@
 """Which caption a row is trained (and evaluated) with: `encode.caption_source`, with a stated fallback."""
 from __future__ import annotations
 
-CAPTION_SOURCES = ("prefer_source", "blip", "source")
+from pipeline_configs import CAPTION_SOURCES
 
 
 def _clean(text) -> str:
