@@ -23,6 +23,12 @@ class ConfigError(ValueError):
     """A config that cannot be used; the message names the field."""
 
 
+def throughput(default: Any = dataclasses.MISSING, **kwargs) -> Any:
+    """A setting that changes how fast a stage runs, never what it writes (threads, batch sizes, devices,
+    timeouts): left out of the stage's config hash, so a resume after changing it is not refused."""
+    return field(default=default, metadata={"throughput": True}, **kwargs)
+
+
 @dataclass
 class StorageConfig:
     root: str = "runs"  # a local folder or gs://bucket/prefix; every stage writes under <root>/<run id>/
@@ -44,7 +50,8 @@ class HubLoadConfig:
     kind: str = "folder"  # hf | folder | table
     source: str = ""  # dataset id (hf), folder path or URL (folder), .parquet/.csv path or URL (table)
     split: str = "train"
-    streaming: bool = True  # hf only: stream instead of downloading the whole dataset first
+    revision: str = ""  # hf only: a commit, tag or branch of the dataset; empty: the default branch's current commit
+    streaming: bool = throughput(True)  # hf only: stream instead of downloading the whole dataset first
     image_column: str = "image"
     caption_column: str = "text"
     url_column: str = "url"
@@ -55,13 +62,17 @@ class HubLoadConfig:
     max_image_side: int = 1024  # larger images are downscaled once, here
     max_image_pixels: int = 89_478_485  # decompression-bomb guard (Pillow's default)
     encode_format: str = "jpeg"
+    max_file_bytes: int = 64 * 2**20  # every image or caption file read is capped at this many bytes
+    # hf only: an image struct that names a file (`path`, no `bytes`) is read only when this is true, and then only
+    # from under the dataset's own local folder (never a URL, never outside it)
+    allow_local_paths: bool = False
 
 
 @dataclass
 class ClipEmbedConfig:
     model: str = "openai/clip-vit-large-patch14"  # hub id or local save_pretrained folder
-    batch_size: int = 32
-    device: str = "auto"  # auto | cpu | cuda
+    batch_size: int = throughput(32)
+    device: str = throughput("auto")  # auto | cpu | cuda
 
 
 @dataclass
@@ -78,8 +89,10 @@ class RetrievalConfig:
     use_violence_detector: bool = True
     aesthetic_score: int = 9
     aesthetic_weight: float = 0.5
-    timeout_s: float = 60.0
-    retries: int = 3
+    timeout_s: float = throughput(60.0)  # per connect and per read
+    query_deadline_s: float = throughput(300.0)  # a whole query (one try), however slowly the answer drips in
+    retries: int = throughput(3)
+    max_response_bytes: int = 16 * 2**20  # a larger answer is refused (and retried); results beyond num_images are rejected
     max_urls: int = 0  # 0: no cap
 
 
@@ -89,16 +102,21 @@ class DownloadConfig:
     resize_mode: str = "keep_ratio"  # img2dataset: no | keep_ratio | center_crop | border
     min_image_size: int = 64
     max_aspect_ratio: float = 3.0
-    timeout_s: int = 10
-    retries: int = 1
-    thread_count: int = 32
-    processes_count: int = 1
-    batch_rows: int = 10_000  # rows of consecutive input shards downloaded together (split evenly over the processes)
+    timeout_s: int = throughput(10)
+    retries: int = throughput(1)
+    thread_count: int = throughput(32)
+    processes_count: int = throughput(1)
+    batch_rows: int = throughput(10_000)  # rows of consecutive input shards downloaded together (split evenly over the processes)
     encode_format: str = "jpg"
     encode_quality: int = 95
+    max_body_bytes: int = 32 * 2**20  # a response body larger than this is refused before it is all read
+    max_image_area: int = 89_478_485  # pixels; checked from the image header, before anything is decoded
     allow_file_urls: bool = False
     allowed_networks: list[str] = field(default_factory=list)  # CIDRs exempt from the private-address guard
-    distributor: str = "multiprocessing"  # img2dataset's: multiprocessing (one pod) | pyspark | ray (a cluster you run)
+    # an http(s) proxy for every download; proxies in the environment (HTTP_PROXY, ...) are never used. With a proxy,
+    # the private-address check of resolved addresses is the proxy's job (what the URL says is still checked here)
+    proxy: str = ""
+    distributor: str = throughput("multiprocessing")  # img2dataset's: multiprocessing (one pod) | pyspark | ray (a cluster you run)
     user_agent_token: str = "controlnet-pipeline"
     disallowed_header_directives: list[str] = field(default_factory=lambda: ["noai", "noimageai", "noindex", "noimageindex"])
 
@@ -106,11 +124,11 @@ class DownloadConfig:
 @dataclass
 class CaptionConfig:
     model: str = "Salesforce/blip-image-captioning-large"
-    batch_size: int = 16
+    batch_size: int = throughput(16)
     max_new_tokens: int = 30
     num_beams: int = 1
     prompt: str = ""  # conditional captioning prefix, e.g. "a photography of"
-    device: str = "auto"
+    device: str = throughput("auto")
 
 
 @dataclass
@@ -123,9 +141,9 @@ class ConditioningConfig:
     pose_min_visibility: float = 0.5  # landmarks less visible than this are left out of the skeleton
     pose_min_keypoints: int = 6  # fewer visible OpenPose keypoints than this counts as no_pose
     caption_source: str = "prefer_source"  # which caption goes in `caption`: prefer_source | blip | source
-    workers: int = 0  # threads making control images (each with its own conditioners); 0: one per CPU core
+    workers: int = throughput(0)  # threads making control images (each with its own conditioners); 0: one per CPU core
     depth_model: str = "depth-anything/Depth-Anything-V2-Small-hf"  # depth type: a transformers depth-estimation model
-    depth_device: str = "auto"
+    depth_device: str = throughput("auto")
 
 
 @dataclass
@@ -149,9 +167,9 @@ class EncodeConfig:
     resolution: int = 512  # must be divisible by 8
     caption_source: str = "prefer_source"  # prefer_source | blip | source
     holdout_fraction: float = 0.02  # rows (by stable id, cnpipe.splits) kept out of training for evaluate
-    batch_size: int = 8
+    batch_size: int = throughput(8)
     max_text_length: int = 77
-    device: str = "auto"
+    device: str = throughput("auto")
 
 
 @dataclass
@@ -295,8 +313,11 @@ class PipelineConfig:
         return json.dumps(self.to_dict(), sort_keys=True)
 
     def section_hash(self, section: str) -> str:
-        """Hash of one stage's settings: a rerun with other settings must not reuse its shards."""
-        blob = json.dumps(self.to_dict()[section], sort_keys=True).encode()
+        """Hash of the settings of one stage that change what it writes: a rerun with other such settings must not
+        reuse its shards. Throughput knobs (`throughput(...)` fields) are left out: changing them resumes."""
+        knobs = {f.name for f in dataclasses.fields(getattr(self, section)) if f.metadata.get("throughput")}
+        settings = {k: v for k, v in self.to_dict()[section].items() if k not in knobs}
+        blob = json.dumps(settings, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
 
