@@ -3,7 +3,8 @@
 Layout of a dataset at URI:
     URI/data/<shard>.parquet       rows that passed the stage
     URI/rejected/<shard>.parquet   rows the stage refused: stage, id, reason, detail
-    URI/_commits/<shard>.json      written last; a shard exists only once its marker does
+    URI/_commits/<shard>.json      written last, created only if absent; a shard exists only once its marker does,
+                                   and counts only while the data and rejected files are the versions it names
     URI/manifest.json              written when the stage finishes: schema, shards, accounting
 
 Image bytes live inside the Parquet rows (not as files beside them): one object per shard keeps
@@ -14,6 +15,7 @@ from __future__ import annotations
 import base64
 import dataclasses
 import datetime as _dt
+import sys
 from collections import Counter
 from typing import Iterator
 
@@ -154,7 +156,19 @@ class ShardedOutput:
     def _commit_url(self, shard: str) -> str:
         return storage.join(self.uri, "_commits", f"{shard}.json")
 
+    def _shard_urls(self, shard: str) -> dict[str, str]:
+        return {sub: storage.join(self.uri, sub, f"{shard}.parquet") for sub in ("data", "rejected")}
+
+    def _stale_files(self, marker: dict) -> list[str]:
+        """The files of a committed shard that are no longer the versions its marker counted: another writer of
+        the same shard (a retried task while the old pod still runs) replaced them after the commit."""
+        versions = marker.get("versions", {})
+        return [sub for sub, url in self._shard_urls(marker["shard"]).items()
+                if versions.get(sub) is None or storage.version(url) != versions[sub]]
+
     def is_done(self, shard: str) -> bool:
+        """Whether `shard` is committed; a commit whose files another writer replaced since is dropped (the shard
+        is then redone), so that a resume never keeps counts that disagree with the data."""
         url = self._commit_url(shard)
         if not storage.exists(url):
             return False
@@ -164,6 +178,12 @@ class ShardedOutput:
                 f"{self.uri} holds shard {shard} made with another {self.stage} config "
                 f"({marker['config_hash']} != {self.config_hash}); write to a new run id or remove it"
             )
+        stale = self._stale_files(marker)
+        if stale:
+            print(f"{self.stage}: shard {shard}'s {' and '.join(stale)} changed after it was committed (two writers of "
+                  "one shard); redoing it", file=sys.stderr)
+            storage.filesystem(url)[0].rm(storage.filesystem(url)[1])
+            return False
         return True
 
     def commit(self, shard: str, result: ShardResult, rows_in: int) -> None:
@@ -185,24 +205,43 @@ class ShardedOutput:
             },
             schema=REJECTED_SCHEMA,
         )
-        storage.write_parquet_atomic(storage.join(self.uri, "data", f"{shard}.parquet"), table, ENCODED_IMAGE_COLUMNS)
-        storage.write_parquet_atomic(storage.join(self.uri, "rejected", f"{shard}.parquet"), rejected)
-        storage.write_json_atomic(
-            self._commit_url(shard),
-            {
-                "shard": shard,
-                "config_hash": self.config_hash,
-                "rows_in": rows_in,
-                "rows_out": rows_out,
-                "rows_rejected": rows_rejected,
-                "rejections": dict(Counter(r.reason for r in result.rejects)),
-                "notes": dict(result.notes),
+        urls = self._shard_urls(shard)
+        marker = {
+            "shard": shard,
+            "config_hash": self.config_hash,
+            "rows_in": rows_in,
+            "rows_out": rows_out,
+            "rows_rejected": rows_rejected,
+            "rejections": dict(Counter(r.reason for r in result.rejects)),
+            "notes": dict(result.notes),
+            "versions": {  # what this writer wrote: finalize and resume check the files are still these
+                "data": storage.write_parquet_atomic(urls["data"], table, ENCODED_IMAGE_COLUMNS),
+                "rejected": storage.write_parquet_atomic(urls["rejected"], rejected),
             },
-        )
+        }
+        try:
+            storage.write_json_atomic(self._commit_url(shard), marker, exclusive=True)
+        except FileExistsError:
+            # Another writer committed this shard while we worked on it. Its commit stands if the files are still
+            # the ones it counted (then ours were replaced by its); if ours replaced them, nothing may finalize.
+            stale = self._stale_files(storage.read_json(self._commit_url(shard)))
+            if stale:
+                raise ContractError(
+                    f"{self.stage} shard {shard} was written by two writers at once (a retried task while the first "
+                    f"still ran?): its {' and '.join(stale)} no longer match its commit; rerun with the same run id "
+                    "once the other writer has stopped, and the shard is redone") from None
+            print(f"{self.stage}: shard {shard} was committed by another writer at the same time; keeping its commit",
+                  file=sys.stderr)
 
     def finalize(self, expected_shards: list[str], inputs: list[str]) -> Manifest:
         """Aggregate commit markers into the manifest; every expected shard must be committed."""
         markers = [storage.read_json(self._commit_url(s)) for s in expected_shards]
+        stale = {m["shard"]: files for m in markers if (files := self._stale_files(m))}
+        if stale:
+            raise ContractError(
+                f"{self.stage}: not finalizing {self.uri}: the files of shard(s) {', '.join(sorted(stale))} changed after "
+                "they were committed (two writers of one shard: a retried task while the first still ran?); rerun with "
+                "the same run id once the other writer has stopped, and those shards are redone")
         rejections: Counter = Counter()
         notes: Counter = Counter()
         for m in markers:
