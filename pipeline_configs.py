@@ -7,6 +7,7 @@ an unknown or mistyped key fails before any work, naming the field.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import hashlib
 import json
 import pathlib
@@ -328,14 +329,21 @@ def _build(cls: type, data: Any, path: str) -> Any:
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
     if unknown:
-        where = f"{path}." if path else ""
-        raise ConfigError(
-            f"unknown config key '{where}{unknown[0]}'; valid keys{' of ' + path if path else ''}: {', '.join(sorted(names))}"
-        )
+        raise ConfigError(_unknown_key(path, unknown[0], names))
     kwargs = {}
     for name, value in data.items():
         kwargs[name] = _coerce(hints[name], value, f"{path}.{name}" if path else name)
     return cls(**kwargs)
+
+
+def _unknown_key(path: str, key: str, names: set[str]) -> str:
+    """The error for a key no section has, with the nearest valid key when one is close (`download.threads`)."""
+    where = f"{path}." if path else ""
+    close = difflib.get_close_matches(key, names, n=1, cutoff=0.6)
+    if not close and len(key) >= 4:
+        close = [n for n in sorted(names) if key in n][:1]
+    hint = f" (did you mean '{where}{close[0]}'?)" if close else ""
+    return f"unknown config key '{where}{key}'{hint}; valid keys{' of ' + path if path else ''}: {', '.join(sorted(names))}"
 
 
 def _coerce(hint: Any, value: Any, path: str) -> Any:
@@ -375,12 +383,12 @@ def with_overrides(config: PipelineConfig, overrides: list[str]) -> PipelineConf
             value = raw
         node = data
         keys = dotted.split(".")
-        for key in keys[:-1]:
+        for depth, key in enumerate(keys[:-1]):
             if not isinstance(node.get(key), dict):
-                raise ConfigError(f"unknown config key '{dotted}'")
+                raise ConfigError(_unknown_key(".".join(keys[:depth]), key, {k for k, v in node.items() if isinstance(v, dict)}))
             node = node[key]
         if keys[-1] not in node:
-            raise ConfigError(f"unknown config key '{dotted}'")
+            raise ConfigError(_unknown_key(".".join(keys[:-1]), keys[-1], set(node)))
         node[keys[-1]] = value
     return from_dict(data)
 

@@ -37,6 +37,28 @@ def test_unknown_key_names_the_field(data, field):
 
 
 @pytest.mark.parametrize(
+    "override, suggestion",
+    [
+        ("download.threads=4", "download.thread_count"),
+        ("downlod.thread_count=4", "downlod"),
+        ("hub_load.rows_per_shrd=8", "hub_load.rows_per_shard"),
+        ("train.max_step=8", "train.max_steps"),
+    ],
+)
+def test_an_unknown_key_gets_the_nearest_valid_one(override, suggestion):
+    with pytest.raises(ConfigError) as err:
+        pipeline_configs.with_overrides(pipeline_configs.embedded("/assets"), [override])
+    expected = "did you mean 'download'" if suggestion == "downlod" else f"did you mean '{suggestion}'"
+    assert expected in str(err.value)
+
+
+def test_a_key_close_to_nothing_gets_no_suggestion():
+    with pytest.raises(ConfigError) as err:
+        pipeline_configs.with_overrides(pipeline_configs.embedded("/assets"), ["download.zq=1"])
+    assert "did you mean" not in str(err.value) and "valid keys of download" in str(err.value)
+
+
+@pytest.mark.parametrize(
     "data, field",
     [
         ({"hub_load": {"rows_per_shard": "8"}}, "hub_load.rows_per_shard"),
