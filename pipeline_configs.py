@@ -336,14 +336,15 @@ def _build(cls: type, data: Any, path: str) -> Any:
     return cls(**kwargs)
 
 
-def _unknown_key(path: str, key: str, names: set[str]) -> str:
-    """The error for a key no section has, with the nearest valid key when one is close (`download.threads`)."""
+def _unknown_key(path: str, key: str, names: set[str], given: str = "") -> str:
+    """The error for a key no section has (`given`: the whole dotted key as the user wrote it), with the nearest
+    valid key when one is close (`download.threads`)."""
     where = f"{path}." if path else ""
     close = difflib.get_close_matches(key, names, n=1, cutoff=0.6)
     if not close and len(key) >= 4:
         close = [n for n in sorted(names) if key in n][:1]
     hint = f" (did you mean '{where}{close[0]}'?)" if close else ""
-    return f"unknown config key '{where}{key}'{hint}; valid keys{' of ' + path if path else ''}: {', '.join(sorted(names))}"
+    return f"unknown config key '{given or where + key}'{hint}; valid keys{' of ' + path if path else ''}: {', '.join(sorted(names))}"
 
 
 def _coerce(hint: Any, value: Any, path: str) -> Any:
@@ -385,7 +386,8 @@ def with_overrides(config: PipelineConfig, overrides: list[str]) -> PipelineConf
         keys = dotted.split(".")
         for depth, key in enumerate(keys[:-1]):
             if not isinstance(node.get(key), dict):
-                raise ConfigError(_unknown_key(".".join(keys[:depth]), key, {k for k, v in node.items() if isinstance(v, dict)}))
+                sections = {k for k, v in node.items() if isinstance(v, dict)}
+                raise ConfigError(_unknown_key(".".join(keys[:depth]), key, sections, given=dotted))
             node = node[key]
         if keys[-1] not in node:
             raise ConfigError(_unknown_key(".".join(keys[:-1]), keys[-1], set(node)))
