@@ -1,15 +1,17 @@
 """Decode untrusted image bytes into clean RGB, or say exactly why not.
 
-Every stage that reads pixels goes through `decode_rgb`, so CMYK, 16-bit, palette and alpha
-images are normalised in one place and corrupt, truncated or oversized ones get one reason each.
+Every stage that reads pixels goes through `decode_rgb`, so EXIF orientation, CMYK, 16-bit, palette and
+alpha images are normalised in one place (each conversion counted by kind when the caller keeps notes), and
+empty, corrupt, truncated or oversized ones get one reason each.
 """
 from __future__ import annotations
 
 import io
 import warnings
+from collections import Counter
 
 import numpy as np
-from PIL import Image, ImageFile, UnidentifiedImageError
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 
@@ -21,13 +23,18 @@ class ImageRejected(ValueError):
         self.detail = detail
 
 
-def decode_rgb(data: bytes | None, min_side: int = 1, max_pixels: int = 89_478_485) -> Image.Image:
-    """Return an RGB image; raise ImageRejected(reason) for anything unusable.
+def decode_rgb(data: bytes | None, min_side: int = 1, max_pixels: int = 89_478_485,
+               notes: Counter | None = None) -> Image.Image:
+    """Return an RGB image, upright as its EXIF orientation says; raise ImageRejected(reason) for anything unusable.
 
-    Reasons: missing_image, not_an_image, corrupt_image, truncated_image, decompression_bomb, too_small.
+    Reasons: missing_image (no bytes at all), empty_image (zero bytes), not_an_image, corrupt_image, truncated_image,
+    decompression_bomb, too_small. `notes` counts what was converted (see `to_rgb`, plus exif_rotated and
+    animated_first_frame).
     """
-    if not data:
+    if data is None:
         raise ImageRejected("missing_image")
+    if not data:
+        raise ImageRejected("empty_image", "zero bytes")
     previous = Image.MAX_IMAGE_PIXELS
     Image.MAX_IMAGE_PIXELS = max_pixels
     try:
@@ -52,13 +59,26 @@ def decode_rgb(data: bytes | None, min_side: int = 1, max_pixels: int = 89_478_4
                 raise ImageRejected("corrupt_image", str(err)) from None
     finally:
         Image.MAX_IMAGE_PIXELS = previous
+    notes = notes if notes is not None else Counter()
+    if getattr(image, "is_animated", False):
+        notes["animated_first_frame"] += 1
+    if image.getexif().get(ORIENTATION_TAG, 1) not in (0, 1):
+        image = ImageOps.exif_transpose(image)
+        notes["exif_rotated"] += 1
     if min(image.size) < min_side:
         raise ImageRejected("too_small", f"{image.size[0]}x{image.size[1]} < {min_side}px")
-    return to_rgb(image)
+    return to_rgb(image, notes)
 
 
-def to_rgb(image: Image.Image) -> Image.Image:
-    """Convert any PIL mode to 8-bit RGB; alpha is composited on white, 16-bit is scaled, not clipped."""
+ORIENTATION_TAG = 0x0112  # EXIF Orientation: 1 is upright; 2-8 say how the stored pixels must be turned
+
+
+def to_rgb(image: Image.Image, notes: Counter | None = None) -> Image.Image:
+    """Convert any PIL mode to 8-bit RGB; alpha is composited on white, 16-bit is scaled, not clipped. Each
+    conversion is counted in `notes` (converted_16bit, converted_palette, composited_alpha, converted_<mode>)."""
+    notes = notes if notes is not None else Counter()
+    if image.mode != "RGB":
+        notes[CONVERSION_NOTES.get(image.mode, f"converted_{image.mode.lower().replace(';', '_')}")] += 1
     if image.mode in ("I;16", "I;16B", "I;16L", "I"):
         array = np.asarray(image, dtype=np.float64)
         top = 65535.0 if image.mode.startswith("I;16") or array.max() > 255 else 255.0
@@ -72,6 +92,13 @@ def to_rgb(image: Image.Image) -> Image.Image:
     if image.mode == "RGB":
         return image
     return image.convert("RGB")
+
+
+CONVERSION_NOTES = {
+    "I;16": "converted_16bit", "I;16B": "converted_16bit", "I;16L": "converted_16bit", "I": "converted_16bit",
+    "P": "converted_palette", "PA": "composited_alpha", "RGBA": "composited_alpha", "LA": "composited_alpha",
+    "CMYK": "converted_cmyk", "L": "converted_gray", "1": "converted_bilevel",
+}
 
 
 def encode(image: Image.Image, fmt: str = "jpeg", quality: int = 95) -> bytes:
