@@ -186,7 +186,8 @@ def test_table_without_the_url_column_is_a_clear_error(tmp_path, make_config):
 
 def test_hugging_face_datasets_from_local_files(tmp_path, images, make_config, dataset_rows, monkeypatch):
     """`datasets.load_dataset` on local files: a parquet dataset with an Image feature (bytes inside, streamed)
-    and an imagefolder (paths, prepared into a cache). No network: the hub is switched off."""
+    and an imagefolder (paths, prepared into a cache, read with hub_load.allow_local_paths). No network: the hub
+    is switched off."""
     datasets = pytest.importorskip("datasets")
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf-cache")
@@ -221,7 +222,12 @@ def test_hugging_face_datasets_from_local_files(tmp_path, images, make_config, d
     (folder / "metadata.jsonl").write_text(
         json.dumps({"file_name": "x.png", "text": "an x"}) + "\n" + json.dumps({"file_name": "y.jpg", "text": ""}) + "\n"
     )
+    # an imagefolder's rows name their files (no bytes): refused unless hub_load.allow_local_paths is set
     config = make_config(kind="hf", source=str(folder.parent), split="train", streaming=False)
+    refused = run(config, {}, str(tmp_path / "out-refused"))
+    assert (refused.rows_in, refused.rows_out, refused.rejections) == (2, 0, {"image_path_refused": 2})
+    assert all("allow_local_paths is false" in r["detail"] for r in refused.rejected_table().to_pylist())
+    config = make_config(kind="hf", source=str(folder.parent), split="train", streaming=False, allow_local_paths=True)
     manifest = run(config, {}, str(tmp_path / "out-imagefolder"))
     rows = dataset_rows(str(tmp_path / "out-imagefolder"))
     check_accounting(manifest, rows)
