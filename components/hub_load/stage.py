@@ -65,7 +65,7 @@ def normalise(batch: list[sources.RawRecord], seen: set[str], cfg) -> ShardResul
         encoded, width, height = None, None, None
         if record.image is not None:
             try:
-                image = images.decode_rgb(record.image, cfg.min_image_side, cfg.max_image_pixels)
+                image = images.decode_rgb(record.image, cfg.min_image_side, cfg.max_image_pixels, notes)
             except images.ImageRejected as err:
                 rejects.append(Reject(record.id, err.reason, f"{record.origin}: {err.detail}"))
                 continue

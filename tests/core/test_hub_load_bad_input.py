@@ -91,7 +91,9 @@ def test_folder_bad_input_matrix(tmp_path, bad_folder, make_config, dataset_rows
     assert all(r["detail"].startswith("folder:") for r in rejected.values())
     assert "40000" in rejected[stable_id("folder", "big.png")]["detail"] or "80000" in rejected[stable_id("folder", "big.png")]["detail"]
     assert manifest.rejections == {"corrupt_image": 1, "decompression_bomb": 2, "not_an_image": 1, "too_small": 1, "truncated_image": 1}
-    assert manifest.notes == {"caption_not_utf8": 1, "empty_caption": 1}
+    # every conversion kept is counted by kind, as the README says
+    assert manifest.notes == {"caption_not_utf8": 1, "empty_caption": 1, "composited_alpha": 1, "converted_16bit": 1,
+                              "converted_cmyk": 1}
 
     by_origin = {r["origin"]: r for r in rows.to_pylist()}
     assert sorted(o.removeprefix("folder:") for o in by_origin) == KEPT
