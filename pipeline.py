@@ -112,6 +112,23 @@ def load_config(args) -> pipeline_configs.PipelineConfig:
         config = pipeline_configs.from_json(pathlib.Path(args.config).read_text())
     config = pipeline_configs.with_overrides(config, args.set or [])
     check_settings(config)
+    return _credentials_out_of_config(config, args.command)
+
+
+def _credentials_out_of_config(config: pipeline_configs.PipelineConfig, command: str) -> pipeline_configs.PipelineConfig:
+    """The config becomes the pipeline's `config_json` parameter (the YAML, the pod spec, every task's command
+    line): user:password in retrieval.service_url leaves it and reaches the tasks as an environment variable."""
+    from cnpipe.redact import CREDENTIALS_ENV, config_without_credentials
+
+    config, credentials = config_without_credentials(config)
+    if credentials and command == "run":  # kfp.local's tasks are this process's children: they inherit it
+        os.environ[CREDENTIALS_ENV] = credentials
+    elif credentials:
+        mapped = [s for s in config.kubeflow.secrets if s.env == CREDENTIALS_ENV]
+        where = (f"kubeflow.secrets maps it from secret {mapped[0].secret_name!r} key {mapped[0].key!r}" if mapped else
+                 f"add a kubeflow.secrets entry with env {CREDENTIALS_ENV} for a Kubernetes secret key holding user:password")
+        print(f"note: the credentials in retrieval.service_url were left out of the pipeline; its retrieval task reads "
+              f"them from ${CREDENTIALS_ENV}: {where}", file=sys.stderr)
     return config
 
 

@@ -19,7 +19,7 @@ import sys
 import time
 import warnings
 
-from cnpipe import storage
+from cnpipe import redact, storage
 from cnpipe.dataset import ContractError, Manifest, load_output
 from cnpipe.families import REPO_ROOT, family_python
 from components.registry import STAGES
@@ -173,6 +173,11 @@ def run(config, build_pipeline, run_id: str | None = None) -> int:
     import pipeline_configs
 
     config = pipeline_configs.with_overrides(config, [f"storage.root={root}"])
+    # user:password in the service URL would be written into every task's config_json (its command line, kfp's
+    # logs); the tasks, this process's children, get them by environment instead (cnpipe.redact)
+    config, credentials = redact.config_without_credentials(config)
+    if credentials:
+        os.environ[redact.CREDENTIALS_ENV] = credentials
     run_root = storage.join(root, run_id)
     # kfp.local's own artifacts stay on this machine; beside the outputs when those are local too
     remote_key = hashlib.sha1(run_root.encode()).hexdigest()[:12]

@@ -21,7 +21,8 @@ STAGES = {
     for s in [
         StageSpec("hub_load", "components.hub_load", "core", settings_check="components.hub_load.stage:check_settings"),
         StageSpec("clip_embed", "components.clip_embed", "vision"),
-        StageSpec("laion_retrieval", "components.laion_retrieval", "core"),
+        StageSpec("laion_retrieval", "components.laion_retrieval", "core",
+                  settings_check="components.laion_retrieval.stage:check_settings"),
         StageSpec("download", "components.download", "download", settings_check="components.download.stage:check_settings"),
         StageSpec("blip_caption", "components.blip_caption", "vision"),
         StageSpec("conditioning", "components.conditioning", "conditioning",

@@ -1,11 +1,14 @@
 """LAION retrieval: ask the kNN service for neighbours of each seed image embedding and each prompt.
 
-Every returned result is a row in: kept once per URL (first query wins, keeping its provenance),
-or rejected as duplicate_url, below_min_similarity, missing_url or over_max_urls.
+Every returned result is a row in: kept once per URL (first query wins, keeping its provenance), or
+rejected as over_num_images (the service sent more than asked), malformed_result (not a row of the
+protocol: the detail names the field), missing_url, duplicate_url, below_min_similarity or over_max_urls.
+The service is not trusted: a bad row is rejected, never a crash of the stage.
 """
 from __future__ import annotations
 
 import functools
+import math
 
 import pyarrow as pa
 
@@ -13,7 +16,8 @@ from cnpipe import storage
 from cnpipe.dataset import Manifest, Reject, ShardedOutput, ShardResult
 from cnpipe.ids import stable_id
 from cnpipe.progress import bar
-from components.laion_retrieval.knn_client import KnnClient
+from cnpipe.redact import config_without_credentials
+from components.laion_retrieval.knn_client import KnnClient, KnnServiceError
 
 STAGE = "laion_retrieval"
 
@@ -26,16 +30,60 @@ RETRIEVED_SCHEMA = pa.schema(
         ("query", pa.string()),
     ]
 )
+FLOAT32_MAX = 3.4028234663852886e38  # a larger similarity would be stored as inf
+_JSON_TYPES = {dict: "an object", list: "an array", str: "a string", bool: "a boolean", int: "a number",
+               float: "a number", type(None): "null"}
 
 
-def select(results: list[tuple[str, dict]], seen: set[str], cfg) -> ShardResult:
-    """Dedupe (query, result) pairs by URL against everything kept so far."""
+def _json_type(value) -> str:
+    return _JSON_TYPES.get(type(value), type(value).__name__)
+
+
+def _utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+        return True
+    except UnicodeEncodeError:  # a lone surrogate ("\ud800" in the JSON): Parquet cannot hold it
+        return False
+
+
+def malformed(result) -> str:
+    """Why `result` is not a row of the protocol ("" when it is): an object whose url is a string (or absent:
+    missing_url), caption a string or null, similarity a finite number."""
+    if not isinstance(result, dict):
+        return f"result is {_json_type(result)}, not an object"
+    url, caption = result.get("url"), result.get("caption")
+    if url is not None and not isinstance(url, str):
+        return f"url is {_json_type(url)}, not a string"
+    if caption is not None and not isinstance(caption, str):
+        return f"caption is {_json_type(caption)}, not a string or null"
+    for name, text in (("url", url), ("caption", caption)):
+        if text is not None and not _utf8(text):
+            return f"{name} is not valid text (a lone surrogate)"
+    if "similarity" not in result:
+        return "similarity is missing"
+    similarity = result["similarity"]
+    if isinstance(similarity, bool) or not isinstance(similarity, (int, float)):
+        return f"similarity is {_json_type(similarity)}, not a number"
+    try:
+        finite = math.isfinite(similarity) and abs(similarity) <= FLOAT32_MAX
+    except OverflowError:  # an integer too large for a float
+        finite = False
+    return "" if finite else f"similarity {str(similarity)[:40]} is not a finite float32"
+
+
+def select(query: str, results: list, seen: set[str], cfg) -> ShardResult:
+    """One query's answer: checked row by row, deduped by URL against everything kept so far."""
     rows = {name: [] for name in RETRIEVED_SCHEMA.names}
     rejects: list[Reject] = []
-    for query, result in results:
+    for position, result in enumerate(results[: cfg.num_images]):
+        problem = malformed(result)
+        if problem:
+            rejects.append(Reject(stable_id("result", query, position), "malformed_result", f"{problem} (result {position} of {query})"))
+            continue
         url = (result.get("url") or "").strip()
         row_id = stable_id("url", url)
-        similarity = float(result.get("similarity", 0.0))
+        similarity = float(result["similarity"])
         if not url:
             rejects.append(Reject(stable_id("result", query, result.get("id")), "missing_url", query))
         elif url in seen:
@@ -48,6 +96,10 @@ def select(results: list[tuple[str, dict]], seen: set[str], cfg) -> ShardResult:
             seen.add(url)
             for name, value in zip(RETRIEVED_SCHEMA.names, [row_id, url, result.get("caption"), similarity, query]):
                 rows[name].append(value)
+    extra = len(results) - cfg.num_images
+    if extra > 0:  # one shared record: an answer within max_response_bytes may still hold millions of these
+        rejects += [Reject(stable_id("over_num_images", query), "over_num_images",
+                           f"{query}: {len(results)} results, {cfg.num_images} asked")] * extra
     return ShardResult(pa.table(rows, schema=RETRIEVED_SCHEMA), rejects)
 
 
@@ -73,10 +125,34 @@ def queries(config, seeds: Manifest):
         yield f"seeds-{name}", functools.partial(_seed_queries, url, take)
 
 
+def check_settings(config) -> None:
+    """Settings that cannot work fail before any task runs, not when retrieval is reached."""
+    from pipeline_configs import ConfigError
+
+    cfg = config.retrieval
+    problems = [f"retrieval.{name} must be {rule}" for name, ok, rule in [
+        ("num_images", cfg.num_images >= 1, "at least 1"),
+        ("timeout_s", cfg.timeout_s > 0, "positive"),
+        ("query_deadline_s", cfg.query_deadline_s > 0, "positive"),
+        ("retries", cfg.retries >= 0, "0 or more"),
+        ("max_response_bytes", cfg.max_response_bytes > 0, "positive"),
+    ] if not ok]
+    if cfg.service_url:  # empty in the embedded preset until its loopback service starts
+        try:
+            KnnClient(cfg.service_url, cfg)
+        except KnnServiceError as err:
+            problems.append(str(err))
+    if problems:
+        raise ConfigError("; ".join(problems))
+
+
 def run(config, inputs: dict[str, Manifest], output_uri: str) -> Manifest:
     (seeds,) = inputs.values()
-    client = KnnClient(config.retrieval.service_url, config.retrieval)
-    output = ShardedOutput(output_uri, STAGE, config.section_hash("retrieval"), RETRIEVED_SCHEMA)
+    cfg = config.retrieval
+    client = KnnClient(cfg.service_url, cfg)
+    # hashed and named without credentials: none is written, and a changed password still resumes
+    config_hash = config_without_credentials(config)[0].section_hash("retrieval")
+    output = ShardedOutput(output_uri, STAGE, config_hash, RETRIEVED_SCHEMA)
     seen: set[str] = set()
     names: list[str] = []
     progress = bar(STAGE, total=None, unit="query")
@@ -85,10 +161,13 @@ def run(config, inputs: dict[str, Manifest], output_uri: str) -> Manifest:
         if output.is_done(name):  # URLs kept by finished shards still count as seen
             seen.update(storage.read_parquet(storage.join(output_uri, "data", f"{name}.parquet"), columns=["url"])["url"].to_pylist())
             continue
-        results = []
+        parts, rows_in = [], 0
         for label, text, embedding in load():
-            results += [(label, r) for r in client.query(text=text, embedding=embedding)]
+            results = client.query(text=text, embedding=embedding)
+            rows_in += len(results)
+            parts.append(select(label, results, seen, cfg))  # one answer at a time: only rows and rejects are kept
             progress.update(1)
-        output.commit(name, select(results, seen, config.retrieval), rows_in=len(results))
+        table = pa.concat_tables([p.table for p in parts]) if parts else RETRIEVED_SCHEMA.empty_table()
+        output.commit(name, ShardResult(table, [r for p in parts for r in p.rejects]), rows_in=rows_in)
     progress.close()
-    return output.finalize(names, inputs=[seeds.uri, config.retrieval.service_url])
+    return output.finalize(names, inputs=[seeds.uri, client.url])

@@ -105,6 +105,7 @@ def test_sigkilled_retrieval_resumes_to_the_uninterrupted_result(tmp_path, slow_
     for field in ("config_hash", "schema", "shards", "rows_in", "rows_out", "rows_rejected", "rejections"):
         assert getattr(resumed, field) == getattr(expected, field), field
     assert resumed.rows_in == SHARDS * ROWS_PER_SHARD * 4 and resumed.rejections.get("duplicate_url", 0) > 0
+    assert not {"malformed_result", "over_num_images"} & set(resumed.rejections)  # the stand-in speaks the protocol
     resumed_rows = pa.concat_tables([t for _, t in resumed.iter_shards()])
     urls = resumed_rows.column("url").to_pylist()
     assert len(urls) == len(set(urls))
