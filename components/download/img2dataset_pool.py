@@ -45,19 +45,24 @@ class Fetched:
 def downloader_settings(cfg) -> dict:
     """What every worker needs from the download config, as plain values (pickled to the workers once per task)."""
     return {name: getattr(cfg, name) for name in (
-        "image_size", "resize_mode", "min_image_size", "max_aspect_ratio", "timeout_s", "retries", "thread_count",
-        "encode_format", "encode_quality", "user_agent_token", "disallowed_header_directives")}
+        "image_size", "resize_mode", "min_image_size", "max_aspect_ratio", "max_image_area", "timeout_s", "retries",
+        "thread_count", "encode_format", "encode_quality", "user_agent_token", "disallowed_header_directives")}
 
 
 # ---------------------------------------------------------------- in the workers
 
 def _start_worker() -> None:
-    """Each worker guards urllib (the policy comes in CNPIPE_URL_POLICY) and imports img2dataset at once,
-    while the stage's process is still reading its inputs."""
+    """Each worker guards urllib (the policy comes in CNPIPE_URL_POLICY; without it every task fails) and imports
+    img2dataset at once, while the stage's process is still reading its inputs."""
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # else albumentations' import phones home
+    from PIL import Image
+
     from components.download import url_guard
 
-    url_guard.install_from_env()
+    policy = url_guard.install_from_env()
+    Image.MAX_IMAGE_PIXELS = None  # the guard's header check against download.max_image_area decides, not Pillow's default
+    if policy is not None:  # OpenCV's own limit too (read as cv2 loads), for whatever it decodes that Pillow read otherwise
+        os.environ["OPENCV_IO_MAX_IMAGE_PIXELS"] = str(policy.max_image_area)
     import img2dataset.downloader  # noqa: F401
 
 
@@ -72,11 +77,15 @@ def _download_share(settings: dict, url_file: str, share: int, share_rows: int, 
     from img2dataset.resizer import Resizer
     from img2dataset.writer import ParquetSampleWriter
 
+    from components.download import url_guard
+
+    url_guard.require_policy()  # never download unguarded: the stage fails with GuardMissing's message instead
     resizer = Resizer(
         image_size=settings["image_size"], resize_mode=settings["resize_mode"], resize_only_if_bigger=True,
         upscale_interpolation="lanczos", downscale_interpolation="area", encode_quality=settings["encode_quality"],
         encode_format=settings["encode_format"], skip_reencode=False, disable_all_reencoding=False,
-        min_image_size=settings["min_image_size"], max_image_area=89_478_485, max_aspect_ratio=settings["max_aspect_ratio"],
+        min_image_size=settings["min_image_size"], max_image_area=settings["max_image_area"],
+        max_aspect_ratio=settings["max_aspect_ratio"],
         blurrer=None,
     )
     downloader = Downloader(

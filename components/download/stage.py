@@ -17,6 +17,7 @@ import re
 import signal
 import sys
 import tempfile
+import urllib.parse
 from collections import Counter
 from typing import Callable
 
@@ -27,6 +28,7 @@ import pyarrow.parquet as pq
 from cnpipe.dataset import Manifest, Reject, ShardResult
 from cnpipe.stage import run_pipelined
 from components.download.img2dataset_pool import Fetched, Img2datasetPool
+from components.download import url_guard
 from components.download.url_guard import ENV_VAR, UnsafeUrl, UrlPolicy
 
 STAGE = "download"
@@ -46,22 +48,23 @@ IMAGE_SCHEMA = pa.schema(
 )
 
 
+# img2dataset's own failure messages: fixed texts (its resizer never sees the URL)
+IMG2DATASET_REASONS = {
+    "image too small": "too_small", "image area too large": "too_large", "aspect ratio too large": "bad_aspect_ratio",
+    "Image decoding error": "not_an_image", "Use of image disallowed by X-Robots-Tag directive": "opted_out",
+}
+
+
 def failure_reason(message: str | None) -> str:
-    """Fold img2dataset's free-text error messages into a few stable reasons (the text stays in `detail`)."""
-    text = (message or "").lower()
-    code = re.search(r"http error (\d{3})", text)
-    if code:
-        return f"http_{code.group(1)}"
-    for needle, reason in (
-        ("unsafe redirect", "unsafe_redirect"), ("dns_failure", "dns_failure"), ("connection refused", "connection_error"), ("refused", "unsafe_address"),
-        ("timed out", "timeout"), ("timeout", "timeout"), ("too small", "too_small"), ("aspect ratio", "bad_aspect_ratio"),
-        ("too large", "too_large"), ("cannot identify", "not_an_image"), ("truncated", "truncated_image"),
-        ("decod", "not_an_image"), ("x-robots-tag", "opted_out"), ("connection", "connection_error"),
-        ("name or service", "dns_failure"),
-    ):
-        if needle in text:
-            return reason
-    return "download_error"
+    """A failed row's reason from img2dataset's error_message, never by searching its free text (which holds the
+    URL, so a URL could pick its own reason): the guard's reason token that the message starts with, one of
+    img2dataset's fixed messages, or the 'HTTP Error NNN: ' that urllib's error starts with on executors without
+    the guard (pyspark, ray). Anything else is download_error (the text stays in `detail`)."""
+    reason = url_guard.reason_in(message) or IMG2DATASET_REASONS.get(message or "")
+    if reason:
+        return reason
+    code = re.match(r"HTTP Error (\d{3}): ", message or "")
+    return f"http_{code.group(1)}" if code else "download_error"
 
 
 @contextlib.contextmanager
@@ -133,7 +136,7 @@ def fetch(urls: list[tuple[str, str]], share_rows: int, cfg) -> Fetched:
                 output_format="parquet", output_folder=f"{tmp}/out",
                 number_sample_per_shard=share_rows,
                 image_size=cfg.image_size, resize_mode=cfg.resize_mode, resize_only_if_bigger=True,
-                min_image_size=cfg.min_image_size, max_aspect_ratio=cfg.max_aspect_ratio, max_image_area=89_478_485,
+                min_image_size=cfg.min_image_size, max_aspect_ratio=cfg.max_aspect_ratio, max_image_area=cfg.max_image_area,
                 timeout=cfg.timeout_s, retries=cfg.retries, thread_count=cfg.thread_count,
                 processes_count=cfg.processes_count, encode_format=cfg.encode_format, encode_quality=cfg.encode_quality,
                 user_agent_token=cfg.user_agent_token, disallowed_header_directives=cfg.disallowed_header_directives,
@@ -255,11 +258,27 @@ def check_settings(config) -> None:
             raise ConfigError(f"download.{name} must be at least 1, got {getattr(cfg, name)}")
     if cfg.batch_rows < 0:
         raise ConfigError(f"download.batch_rows must be 0 (one shard at a time) or more, got {cfg.batch_rows}")
+    for name in ("max_body_bytes", "max_image_area"):
+        if getattr(cfg, name) < 1:
+            raise ConfigError(f"download.{name} must be at least 1, got {getattr(cfg, name)}")
     for network in cfg.allowed_networks:
         try:
             ipaddress.ip_network(network, strict=False)
         except ValueError as err:
             raise ConfigError(f"download.allowed_networks: {err}") from None
+    if cfg.proxy and not proxy_is_valid(cfg.proxy):
+        raise ConfigError(f"download.proxy must be empty or http(s)://host:port, got {cfg.proxy!r}")
+
+
+def proxy_is_valid(proxy: str) -> bool:
+    """http(s)://host:port and nothing else (credentials would travel in the config)."""
+    try:
+        parts = urllib.parse.urlsplit(proxy)
+        port = parts.port
+    except ValueError:
+        return False
+    return (parts.scheme in ("http", "https") and bool(parts.hostname) and port is not None and parts.path in ("", "/")
+            and not (parts.query or parts.fragment or parts.username or parts.password))
 
 
 def run(config, inputs: dict[str, Manifest], output_uri: str) -> Manifest:
@@ -267,12 +286,14 @@ def run(config, inputs: dict[str, Manifest], output_uri: str) -> Manifest:
     cfg = config.download
     if cfg.distributor != "multiprocessing":
         # img2dataset ships its downloader to the cluster's executors, which never import our guard.
-        print(f"download: distributor {cfg.distributor!r} runs img2dataset on your cluster's executors; the private-address "
-              "guard covers this process only, so restrict the executors' egress with a network policy", file=sys.stderr)
-    policy = UrlPolicy(cfg.allow_file_urls, list(cfg.allowed_networks))
+        print(f"download: distributor {cfg.distributor!r} runs img2dataset on your cluster's executors; the URL guard "
+              "(private addresses, download.proxy, body and image caps) covers this process only, so restrict the "
+              "executors' egress with a network policy", file=sys.stderr)
+    if cfg.proxy:
+        print(f"download: every fetch goes through download.proxy {cfg.proxy}; what each URL says is still checked here, "
+              "but the proxy resolves host names: refusing the internal addresses it resolves is its job", file=sys.stderr)
+    policy = UrlPolicy.from_config(cfg)
     os.environ[ENV_VAR] = policy.to_env()  # for the guard in img2dataset's worker processes
-    from components.download import url_guard
-
     url_guard.install(policy)
     fetcher = Img2datasetPool if cfg.distributor == "multiprocessing" else Img2datasetCalls
     return run_pipelined(

@@ -1,6 +1,7 @@
 """A loopback web for the download family's tests: good and broken images, a 404, an HTML page, an image
 whose X-Robots-Tag opts out of AI use, `/redirect?to=URL` (302) and `/photo/<anything>.jpg` (distinct URLs
-of one good image, each answered after `photo_delay_s`), with a log of every request it received."""
+of one good image, each answered after `photo_delay_s`), with a log of every request it received. It also
+answers as an HTTP proxy would (a request line that holds the whole URL), and over TLS when given a context."""
 from __future__ import annotations
 
 import io
@@ -21,7 +22,7 @@ def jpeg(width: int, height: int, color=(200, 40, 40)) -> bytes:
 
 
 class LoopbackWeb:
-    def __init__(self, host: str = "127.0.0.1"):
+    def __init__(self, host: str = "127.0.0.1", tls=None):
         self.files = {
             "/good.jpg": ("image/jpeg", jpeg(120, 90)),
             "/tiny.jpg": ("image/jpeg", jpeg(10, 10)),
@@ -29,7 +30,9 @@ class LoopbackWeb:
             "/opted-out.jpg": ("image/jpeg", jpeg(100, 100, (0, 90, 200))),
         }
         self.headers = {"/opted-out.jpg": {"X-Robots-Tag": "noai"}}
-        self.requests: list[str] = []
+        self.streamed: set[str] = set()  # paths answered without Content-Length: the body ends as the connection closes
+        self.requests: list[str] = []  # each request's target: a path, or the whole URL when asked as a proxy
+        self.hosts: list[str] = []  # each request's Host header
         self.photo_delay_s = 0.0
         web = self
 
@@ -39,33 +42,42 @@ class LoopbackWeb:
 
             def do_GET(self) -> None:
                 web.requests.append(self.path)
-                if self.path.startswith("/redirect?"):
-                    target = urllib.parse.parse_qs(urllib.parse.urlsplit(self.path).query)["to"][0]
+                web.hosts.append(self.headers.get("Host", ""))
+                path = self.path
+                if path.startswith("http://"):  # asked as a proxy
+                    parts = urllib.parse.urlsplit(path)
+                    path = parts.path + (f"?{parts.query}" if parts.query else "")
+                if path.startswith("/redirect?"):
+                    target = urllib.parse.parse_qs(urllib.parse.urlsplit(path).query)["to"][0]
                     self.send_response(302)
                     self.send_header("Location", target)
                     self.send_header("Content-Length", "0")
                     self.end_headers()
                     return
-                if self.path.startswith("/photo/") and self.path.endswith(".jpg"):
+                if path.startswith("/photo/") and path.endswith(".jpg"):
                     time.sleep(web.photo_delay_s)
                     kind, body = web.files["/good.jpg"]
-                elif self.path not in web.files:
+                elif path not in web.files:
                     self.send_error(404)
                     return
                 else:
-                    kind, body = web.files[self.path]
+                    kind, body = web.files[path]
                 self.send_response(200)
                 self.send_header("Content-Type", kind)
-                self.send_header("Content-Length", str(len(body)))
-                for name, value in web.headers.get(self.path, {}).items():
+                if path not in web.streamed:
+                    self.send_header("Content-Length", str(len(body)))
+                for name, value in web.headers.get(path, {}).items():
                     self.send_header(name, value)
                 self.end_headers()
                 self.wfile.write(body)
 
         self.server = ThreadingHTTPServer((host, 0), Handler)
+        if tls is not None:
+            self.server.socket = tls.wrap_socket(self.server.socket, server_side=True)
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.thread.start()
-        self.base = f"http://{host}:{self.server.server_address[1]}"
+        self.port = self.server.server_address[1]
+        self.base = f"{'https' if tls else 'http'}://{host}:{self.port}"
 
     def url(self, path: str) -> str:
         return self.base + path
