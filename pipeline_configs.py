@@ -141,6 +141,12 @@ class ConditioningConfig:
     pose_model_complexity: int = 1  # 0, 1 or 2: MediaPipe's lite, full and heavy pose models (only 1 ships in the wheel)
     pose_min_visibility: float = 0.5  # landmarks less visible than this are left out of the skeleton
     pose_min_keypoints: int = 6  # fewer visible OpenPose keypoints than this counts as no_pose
+    # implausible_pose (components/conditioning/pose.py): chosen on scikit-image's and matplotlib's photos with and without people
+    pose_min_spread: float = 0.2  # the skeleton's larger side, as a share of the image's
+    pose_min_area: float = 0.03  # the skeleton's box, as a share of the image's area
+    pose_max_limb_ratio: float = 3.0  # no head, arm, torso side or leg segment longer than this × the shoulder width
+    pose_min_head_ratio: float = 0.35  # neck to nose at least this × the shoulder width
+    detect_resolution: int = 512  # controls made at this shorter side (x64-rounded, as controlnet_aux), resized back; 0: native
     caption_source: str = "prefer_source"  # which caption goes in `caption`: prefer_source | blip | source
     workers: int = throughput(0)  # threads making control images (each with its own conditioners); 0: one per CPU core
     depth_model: str = "depth-anything/Depth-Anything-V2-Small-hf"  # depth type: a transformers depth-estimation model
@@ -248,11 +254,14 @@ class Toleration:
 
 @dataclass
 class SecretEnv:
-    """A Kubernetes secret key exposed as an environment variable: the value never enters the YAML."""
+    """A Kubernetes secret key exposed as an environment variable: the value never enters the YAML. A task gets it
+    only where it is used (cnpipe.kfp_tasks.secrets_for), so a cluster without the secret runs the stages that need none."""
 
     secret_name: str = ""
     key: str = ""
     env: str = ""
+    stages: list[str] = field(default_factory=list)  # the stages whose tasks get it; empty: every task
+    optional: bool = True  # the pod starts without it (the code can do without: public models); false: it must exist
 
 
 @dataclass
@@ -277,9 +286,13 @@ class KubeflowConfig:
     resources: StageResources = field(default_factory=StageResources)
     tolerations: list[Toleration] = field(default_factory=lambda: [
         Toleration(key="nvidia.com/gpu"), Toleration(key="google.com/tpu")])
+    # HF_TOKEN: stages that may load from the Hub (hub_load only when kind is hf, conditioning only for types with a
+    # model); WANDB_API_KEY: training, only when train.wandb_project is set, and then required (wandb.init needs it)
     secrets: list[SecretEnv] = field(default_factory=lambda: [
-        SecretEnv(secret_name="controlnet-pipeline", key="hf-token", env="HF_TOKEN"),
-        SecretEnv(secret_name="controlnet-pipeline", key="wandb-api-key", env="WANDB_API_KEY")])
+        SecretEnv(secret_name="controlnet-pipeline", key="hf-token", env="HF_TOKEN", stages=[
+            "hub_load", "clip_embed", "blip_caption", "conditioning", "encode", "controlnet_train", "evaluate"]),
+        SecretEnv(secret_name="controlnet-pipeline", key="wandb-api-key", env="WANDB_API_KEY",
+                  stages=["controlnet_train"], optional=False)])
     service_account: str = ""
     image_pull_secret: str = ""
     image_pull_policy: str = "IfNotPresent"

@@ -6,13 +6,57 @@ from __future__ import annotations
 
 import argparse
 import errno
+import hashlib
 import json
 import sys
-from typing import Callable
+from typing import Any, Callable
 
+from cnpipe import storage
 from cnpipe.dataset import ContractError, Manifest, StageOutput, load_output
 
 _UNWRITABLE = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.ENOTDIR}
+
+# Stages whose output is a summary.json (no shards to resume by) and the config sections that shape it. Their summary
+# records a hash of those sections and of their inputs, so a rerun that finds the same hash returns it at once
+# instead of compiling and training, or sampling, again. Conditioning resumes shard by shard itself.
+REUSED_WHEN_FINISHED = {
+    "controlnet_train": ("train", "base_model"),
+    "evaluate": ("evaluate", "encode", "conditioning", "base_model"),
+}
+
+
+def input_identity(item: "Manifest | StageOutput") -> Any:
+    """What an input's content is known by: a dataset's config hash and shards (not created_at, which a resumed
+    stage rewrites), a summary stage's own finished hash, else its whole summary."""
+    if isinstance(item, Manifest):
+        return [item.config_hash, item.shards, item.rows_in, item.rows_out, item.rows_rejected]
+    return item.summary.get("config_hash") or item.summary
+
+
+def finished_hash(stage: str, config, inputs: dict) -> str:
+    parts = {"sections": {name: config.section_hash(name) for name in REUSED_WHEN_FINISHED[stage]},
+             "inputs": {name: input_identity(item) for name, item in sorted(inputs.items())}}
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def finished(stage: str, config, inputs: dict, output_uri: str) -> dict | None:
+    """The summary a finished run of this stage with these settings and inputs left at `output_uri`, or None."""
+    if stage not in REUSED_WHEN_FINISHED:
+        return None
+    path = storage.join(output_uri, "summary.json")
+    if not storage.exists(path):
+        return None
+    summary = storage.read_json(path)
+    return summary if summary.get("config_hash") == finished_hash(stage, config, inputs) else None
+
+
+def _forget_finished(output_uri: str) -> None:
+    """A stage about to redo its output: the old summary no longer describes what is there."""
+    fs, path = storage.filesystem(storage.join(output_uri, "summary.json"))
+    try:
+        fs.rm(path)
+    except FileNotFoundError:
+        pass
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
@@ -67,6 +111,13 @@ def main(stage: str, run: Callable[..., "Manifest | dict"], argv: list[str] | No
     for item in args.input:
         name, _, uri = item.partition("=")
         inputs[name] = load_output(uri)
+    done = finished(stage, config, inputs, args.output)
+    if done is not None:
+        print(f"{stage}: already finished at {args.output} with these settings and inputs; not run again", file=sys.stderr)
+        print(json.dumps(summary(stage, done)))
+        return 0
+    if stage in REUSED_WHEN_FINISHED:
+        _forget_finished(args.output)
     try:
         result = run(config, inputs, args.output)
     except OSError as err:
@@ -82,8 +133,8 @@ def main(stage: str, run: Callable[..., "Manifest | dict"], argv: list[str] | No
         print(f"{stage}: {err}", file=sys.stderr)
         return 2
     if isinstance(result, dict):  # not a row dataset: its summary marks the output finished (load_output)
-        from cnpipe import storage
-
+        if stage in REUSED_WHEN_FINISHED:
+            result = {**result, "config_hash": finished_hash(stage, config, inputs)}
         storage.write_json_atomic(storage.join(args.output, "summary.json"), result)
     print(json.dumps(summary(stage, result)))
     return 0

@@ -9,6 +9,7 @@ import json
 
 from cnpipe import storage
 from cnpipe import cli
+from cnpipe.dataset import StageOutput, load_output
 from cnpipe.families import run_stage
 from components.registry import STAGES
 
@@ -40,6 +41,18 @@ def run_multihost_training(config, run_id: str, encoded_uri: str, output_uri: st
     return load_output(output_uri)
 
 
+def finished_output(stage: str, config, input_uris: dict, output_uri: str) -> StageOutput | None:
+    """A stage finished earlier with these settings and inputs (cli.finished): returned without starting its
+    family's interpreter, let alone its models or a JobSet."""
+    if stage not in cli.REUSED_WHEN_FINISHED:
+        return None
+    done = cli.finished(stage, config, {k: load_output(u) for k, u in input_uris.items()}, output_uri)
+    if done is None:
+        return None
+    print(f"{stage}: already finished at {output_uri} with these settings and inputs; not run again")
+    return StageOutput(output_uri, done)
+
+
 def run_component(stage: str, config_json: str, run_id: str, inputs: dict, output, part: int = -1, parts: int = 1,
                   family: str = "") -> dict:
     """part >= 0: this task is shard group `part` of `parts` (inside a ParallelFor); the task after the
@@ -50,9 +63,10 @@ def run_component(stage: str, config_json: str, run_id: str, inputs: dict, outpu
     output_uri = storage.join(config.storage.root, run_id, STAGES[stage].output_dir or stage)
     group = f"{part}/{parts}" if part >= 0 and parts > 1 else ""
     input_uris = {k: dataset_uri(a) for k, a in inputs.items()}
-    if stage == "controlnet_train" and config.train.num_processes > 1:
+    result = finished_output(stage, config, input_uris, output_uri) if part < 0 else None
+    if result is None and stage == "controlnet_train" and config.train.num_processes > 1:
         result = run_multihost_training(config, run_id, input_uris["encoded"], output_uri)
-    else:
+    elif result is None:
         result = run_stage(stage, config_json, input_uris, output_uri, group, family)
     summary = {"dataset_uri": result.uri, **cli.summary(stage, result)}
     output.metadata.update(summary)

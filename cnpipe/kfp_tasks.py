@@ -3,11 +3,32 @@ tolerations, secrets as environment, retries. All from the config; kfp.local ign
 from __future__ import annotations
 
 from cnpipe.kfp_images import image_ref
-from components.registry import STAGES
+from components.registry import STAGES, conditioning_groups
 
 GKE_GPU = "cloud.google.com/gke-accelerator"
 GKE_TPU = "cloud.google.com/gke-tpu-accelerator"
 GKE_TPU_TOPOLOGY = "cloud.google.com/gke-tpu-topology"
+HUB_CONDITIONERS = {"depth"}  # conditioning types that load a model (from the Hub unless a local folder)
+
+# Variables a listed stage reads only under some settings: (env, stage) -> whether this config (and the task's
+# family, for conditioning) makes it read them. A pod that gets a secret it never reads can only fail to start.
+_USED_WHEN = {
+    ("HF_TOKEN", "hub_load"): lambda config, family: config.hub_load.kind == "hf" or config.hub_load.source.startswith("hf://"),
+    ("HF_TOKEN", "conditioning"): lambda config, family: bool(
+        HUB_CONDITIONERS & set(conditioning_groups(config.conditioning.types).get(family, config.conditioning.types))),
+    ("WANDB_API_KEY", "controlnet_train"): lambda config, family: bool(config.train.wandb_project),
+}
+
+
+def secrets_for(stage: str, config, family: str = "") -> list:
+    """The secrets (kubeflow.secrets) a task of `stage` uses: those listing it (or listing no stage), less the ones
+    this config makes it not read (no W&B without train.wandb_project, no Hub token for a folder of seeds)."""
+    used = []
+    for secret in config.kubeflow.secrets:
+        when = _USED_WHEN.get((secret.env, stage))
+        if (not secret.stages or stage in secret.stages) and (when is None or when(config, family)):
+            used.append(secret)
+    return used
 
 
 def configure(task, stage: str, config, family: str = ""):
@@ -35,8 +56,9 @@ def configure(task, stage: str, config, family: str = ""):
                                           value=toleration.value or None, effect=toleration.effect)
     if res.retries:
         task.set_retry(num_retries=res.retries, backoff_duration=res.retry_backoff, backoff_factor=2.0)
-    for secret in kf.secrets:
-        kubernetes.use_secret_as_env(task, secret_name=secret.secret_name, secret_key_to_env={secret.key: secret.env})
+    for secret in secrets_for(stage, config, family):
+        kubernetes.use_secret_as_env(task, secret_name=secret.secret_name, secret_key_to_env={secret.key: secret.env},
+                                     optional=secret.optional)
     if kf.image_pull_secret:
         kubernetes.set_image_pull_secrets(task, [kf.image_pull_secret])
     if kf.image_pull_policy:

@@ -124,7 +124,7 @@ def run_pipelined(
     output = ShardedOutput(output_uri, stage, config_hash, schema, written_shards(mine))
     todo = [p for p in mine if not output.is_done(p[0])]
     progress = bar(stage, total=sum(rows for *_, rows in todo))
-    progress.set_postfix_str(f"{len(plan) - len(todo)}/{len(plan)} shards already done", refresh=False)
+    progress.set_postfix_str(f"{len(mine) - len(todo)}/{len(mine)} shards already done", refresh=False)
 
     def commit(batch, tables, results) -> None:
         if len(results) != len(batch):

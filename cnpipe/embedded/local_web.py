@@ -8,10 +8,12 @@ POST /knn-service     clip-retrieval's API over a faiss index of the pool, embed
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import mimetypes
 import pathlib
 import signal
+import sys
 import time
 import urllib.parse
 
@@ -68,19 +70,34 @@ def make_handler(pool: pathlib.Path, indices, embed_text, base_url: list[str]):
     return LocalWebHandler
 
 
+def listen(handler, port: int):
+    """Serve on `port`, or, when it is taken, on a free one, saying so in one line: the run reads the port from the
+    ready file, and a traceback for an expected fallback only alarms."""
+    try:
+        return knn_service.serve(handler, port=port)
+    except OSError as err:
+        if not port or err.errno != errno.EADDRINUSE:
+            sys.exit(f"local_web: cannot serve on 127.0.0.1:{port}: {err.strerror or err}")
+    server = knn_service.serve(handler, port=0)
+    print(f"port {port} is taken: serving on {server.server_address[1]} instead (row ids, which come from the URLs, differ "
+          "from other runs'; URLs retrieved by an earlier attempt may now fail to download and are counted as such)",
+          file=sys.stderr)
+    return server
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--assets", required=True)
     parser.add_argument("--clip-model", required=True)
     parser.add_argument("--indice-name", default="embedded-pool")
     parser.add_argument("--ready-file", required=True, help="written with the port once serving")
-    parser.add_argument("--port", type=int, default=0, help="0: any free port (a resumed run passes its old one: URLs name it)")
+    parser.add_argument("--port", type=int, default=0, help="0: any free port; a taken one falls back to a free one (a resumed run passes its old one: URLs name it)")
     args = parser.parse_args()
     assets = pathlib.Path(args.assets)
     index = knn_index.KnnIndex(str(build_pool_index(assets, args.clip_model)))
     base_url: list[str] = [""]
     handler = make_handler(assets / "pool", {args.indice_name: index}, knn_service.ClipTextEmbedder(args.clip_model), base_url)
-    server = knn_service.serve(handler, port=args.port)
+    server = listen(handler, args.port)
     port = server.server_address[1]
     base_url[0] = f"http://127.0.0.1:{port}"
     pathlib.Path(args.ready_file).write_text(json.dumps({"port": port, "knn_url": f"{base_url[0]}/knn-service"}))
