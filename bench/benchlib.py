@@ -199,6 +199,59 @@ def usable_images(assets: pathlib.Path, min_side: int = 16) -> list[tuple[str, b
     return found
 
 
+def png_bomb(side: int = 12000) -> bytes:
+    """A decompression bomb: an RGB PNG of side x side black pixels (12000: 144 million pixels, 432 MB decoded) in
+    about 420 kB, compressed row by row so that the pixels are never held here."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    row, deflate = b"\0" * (1 + 3 * side), zlib.compressobj(9)  # each row: filter type 0, then its RGB bytes
+    pixels = b"".join(deflate.compress(row) for _ in range(side)) + deflate.flush()
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", side, side, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", pixels) + chunk(b"IEND", b""))
+
+
+def photo_jpeg(width: int = 1024, height: int = 768) -> bytes:
+    """An ordinary photo-sized JPEG (smooth gradients and grain, about 300 kB)."""
+    import numpy as np
+    from PIL import Image
+
+    y, x = np.mgrid[0:height, 0:width]
+    base = np.stack([x * 255 // width, y * 255 // height, (x + y) * 255 // (width + height)], axis=-1)
+    grain = np.random.default_rng(0).integers(-24, 24, base.shape)
+    buffer = io.BytesIO()
+    Image.fromarray(np.clip(base + grain, 0, 255).astype(np.uint8)).save(buffer, format="JPEG", quality=90)
+    return buffer.getvalue()
+
+
+def serve_files(files: dict[str, tuple[str, bytes]]):
+    """A loopback web server in a thread answering GET path with (content type, body); returns it and its base URL."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args) -> None:
+            pass
+
+        def do_GET(self) -> None:
+            if self.path not in files:
+                self.send_error(404)
+                return
+            kind, body = files[self.path]
+            self.send_response(200)
+            self.send_header("Content-Type", kind)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, f"http://127.0.0.1:{server.server_address[1]}"
+
+
 def replicate(items: list, count: int) -> list:
     return [items[i % len(items)] for i in range(count)]
 

@@ -15,6 +15,13 @@ Two peaks per stage run:
                 pool, img2dataset's processes) of proportional set sizes (PSS: pages the processes share,
                 e.g. forked workers', counted once, as a pod's memory limit counts them), sampled every 50 ms
 Target: 10x/1x < 1.5 for both. Writes bench/results/memory.json.
+
+    PYTHONPATH=. .venvs/core/bin/python bench/memory.py --bombs 16
+
+instead runs the download stage alone on N URLs of a decompression bomb (a 12000x12000 PNG of ~420 kB: 432 MB
+decoded) and on N URLs of an ordinary photo (1024x768 JPEG), from a loopback server, with the same two peaks: the
+guard refuses a bomb from its header, before img2dataset decodes it, so the ratio bombs/photos stays near 1.
+Writes bench/results/memory_bombs.json.
 """
 from __future__ import annotations
 
@@ -150,11 +157,57 @@ def run_data_half(config, root: pathlib.Path, stages: list[str]) -> dict:
     return measured
 
 
+def bomb_comparison(count: int, tmp: pathlib.Path) -> dict:
+    """Peaks of the download stage over `count` bomb URLs and over `count` photo URLs (the embedded preset's download
+    settings: 8 threads, 1 process), and their ratio."""
+    import pipeline_configs
+    from cnpipe.dataset import load_output
+    from cnpipe.families import stage_command
+    from components.laion_retrieval.stage import RETRIEVED_SCHEMA
+
+    kinds = {"photos": ("image/jpeg", benchlib.photo_jpeg()), "bombs": ("image/png", benchlib.png_bomb())}
+    server, base = benchlib.serve_files({f"/{kind}/{i}": body for kind, body in kinds.items() for i in range(count)})
+    config = pipeline_configs.embedded(str(tmp))
+    env = {**os.environ, "PYTHONPATH": str(benchlib.REPO), "NO_ALBUMENTATIONS_UPDATE": "1"}
+    env.pop("CNPIPE_FAMILY", None)
+    measured = {}
+    try:
+        for kind, (_, body) in kinds.items():
+            ids = [f"{kind}-{i}" for i in range(count)]
+            source = benchlib.write_dataset(str(tmp / f"urls-{kind}"), {
+                "id": ids, "url": [f"{base}/{kind}/{i}" for i in range(count)], "source_caption": [None] * count,
+                "similarity": [1.0] * count, "query": ["bench"] * count}, RETRIEVED_SCHEMA, count, stage="laion_retrieval")
+            out = tmp / f"download-{kind}"
+            result = run_measured(stage_command("download", config.to_json(), {"retrieved": source.uri}, str(out)), env,
+                                  tmp / f"download-{kind}.log")
+            manifest = load_output(str(out))
+            measured[kind] = {**result, "body_kb": round(len(body) / 1024, 1), "rows_in": manifest.rows_in,
+                              "rows_out": manifest.rows_out, "rejections": manifest.rejections}
+            print(f"  {kind}: {measured[kind]}", file=sys.stderr, flush=True)
+    finally:
+        server.shutdown()
+    photos, bombs = measured["photos"], measured["bombs"]
+    measured["ratio"] = {"max_process": round(bombs["max_process_mib"] / photos["max_process_mib"], 3),
+                         "tree": round(bombs["tree_mib"] / photos["tree_mib"], 3)}
+    return measured
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--scale", type=int, default=10, help="the larger run's copies of the seed folder")
     parser.add_argument("--rows-per-shard", type=int, default=8, help="hub_load.rows_per_shard, the same at both scales")
+    parser.add_argument("--bombs", type=int, default=0, help="instead: the download stage on N bomb URLs vs N photo URLs")
     args = parser.parse_args(argv)
+    if args.bombs:
+        with tempfile.TemporaryDirectory(prefix="bench-memory-bombs-") as tmp_name:
+            results = bomb_comparison(args.bombs, pathlib.Path(tmp_name))
+        print(f"\npeak RSS (MiB) of the download stage, {args.bombs} URLs each")
+        benchlib.print_table(["URLs", "body kB", "rows out", "rejections", "process", "tree PSS", "seconds"], [
+            [kind, r["body_kb"], r["rows_out"], r["rejections"], r["max_process_mib"], r["tree_mib"], r["seconds"]]
+            for kind, r in results.items() if kind != "ratio"])
+        print(f"bombs / photos: process {results['ratio']['max_process']}, tree {results['ratio']['tree']}")
+        benchlib.write_result("memory_bombs", {"urls": args.bombs, "results": results}, libraries=("img2dataset",))
+        return 0
 
     import pipeline_configs
 

@@ -27,8 +27,8 @@ import pyarrow.parquet as pq
 
 from cnpipe.dataset import Manifest, Reject, ShardResult
 from cnpipe.stage import run_pipelined
-from components.download.img2dataset_pool import Fetched, Img2datasetPool
 from components.download import url_guard
+from components.download.img2dataset_pool import Fetched, Img2datasetPool
 from components.download.url_guard import ENV_VAR, UnsafeUrl, UrlPolicy
 
 STAGE = "download"
