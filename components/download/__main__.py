@@ -6,7 +6,8 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 from components.download import url_guard
 
-# Guards this process; img2dataset's worker processes install theirs as they start (img2dataset_pool).
+# Fails closed from the start: until stage.run installs the configured policy, every fetch here is refused;
+# img2dataset's worker processes install theirs as they start (img2dataset_pool).
 url_guard.install_from_env()
 
 if __name__ == "__main__":
