@@ -12,6 +12,7 @@ import re
 import time
 
 from cnpipe.kfp_images import image_ref
+from cnpipe.kfp_tasks import secrets_for
 
 GROUP, VERSION, PLURAL = "jobset.x-k8s.io", "v1alpha2", "jobsets"
 COORDINATOR_PORT = 8476
@@ -51,8 +52,8 @@ def manifest(config, run_id: str, encoded_uri: str, output_uri: str, namespace: 
         {"name": "JAX_NUM_PROCESSES", "value": str(hosts)},
         {"name": "JAX_PROCESS_ID", "valueFrom": {"fieldRef": {"fieldPath": "metadata.annotations['batch.kubernetes.io/job-completion-index']"}}},
     ]
-    env += [{"name": s.env, "valueFrom": {"secretKeyRef": {"name": s.secret_name, "key": s.key, "optional": True}}}
-            for s in config.kubeflow.secrets]
+    env += [{"name": s.env, "valueFrom": {"secretKeyRef": {"name": s.secret_name, "key": s.key, "optional": s.optional}}}
+            for s in secrets_for("controlnet_train", config)]  # the same secrets as the train task itself
     container = {
         "name": "trainer",
         "image": image_ref(config.images, "train"),

@@ -26,6 +26,7 @@ def test_manifest_has_one_pod_per_host_with_jax_environment_and_tpu_topology():
     assert env["JAX_NUM_PROCESSES"]["value"] == "4"
     assert "job-completion-index" in env["JAX_PROCESS_ID"]["valueFrom"]["fieldRef"]["fieldPath"]
     assert env["HF_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": "controlnet-pipeline", "key": "hf-token", "optional": True}
+    assert "WANDB_API_KEY" not in env  # no train.wandb_project: the pods read no W&B key, so need no secret
     assert pod["nodeSelector"] == {"cloud.google.com/gke-tpu-accelerator": "tpu-v5-lite-podslice", "cloud.google.com/gke-tpu-topology": "2x4"}
     assert container["resources"]["limits"]["google.com/tpu"] == "8"
     assert [t["key"] for t in pod["tolerations"]] == ["google.com/tpu"]
@@ -35,6 +36,15 @@ def test_manifest_has_one_pod_per_host_with_jax_environment_and_tpu_topology():
     assert "encoded=gs://b/runs/r/encode" in argv and argv[-1] == "gs://b/runs/r/controlnet_train"
     assert pipeline_configs.from_json(argv[argv.index("--config-json") + 1]).train.num_processes == 4
     assert body["spec"]["network"]["subdomain"] == name
+
+
+def test_the_worker_pods_get_the_train_tasks_secrets_required_as_there():
+    cfg = config(hosts=2)
+    cfg.train.wandb_project = "controlnet"
+    pod = multihost.manifest(cfg, "r", "e", "o", "ns")["spec"]["replicatedJobs"][0]["template"]["spec"]["template"]["spec"]
+    env = {e["name"]: e for e in pod["containers"][0]["env"]}
+    assert env["WANDB_API_KEY"]["valueFrom"]["secretKeyRef"]["optional"] is False
+    assert env["HF_TOKEN"]["valueFrom"]["secretKeyRef"]["optional"] is True
 
 
 def test_gpu_hosts_select_by_gpu_type():
