@@ -1,6 +1,8 @@
 """CLIP embed: batched image embeddings, L2-normalised so that inner product is cosine similarity."""
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import pyarrow as pa
 
@@ -46,10 +48,10 @@ def embed_shard(table: pa.Table, embedder: ClipImageEmbedder, batch_size: int) -
 def run(config, inputs: dict[str, Manifest], output_uri: str) -> Manifest:
     cfg = config.clip_embed
     (seeds,) = inputs.values()
-    embedder = ClipImageEmbedder(cfg.model, cfg.device)
+    embedder = functools.cache(lambda: ClipImageEmbedder(cfg.model, cfg.device))  # loaded only if a shard is left to do
     schema = seeds.arrow_schema().append(pa.field("clip_embedding", pa.list_(pa.float32())))
     return run_per_shard(
         STAGE, [seeds], output_uri, config.section_hash("clip_embed"), schema,
-        lambda table, _: embed_shard(table, embedder, cfg.batch_size),
+        lambda table, _: embed_shard(table, embedder(), cfg.batch_size),
     )
 

@@ -10,6 +10,7 @@ The empty-prompt encoding is written once beside the shards (uncond_text_encodin
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 from collections import Counter
 from dataclasses import dataclass
@@ -155,19 +156,26 @@ def run(config, inputs: dict[str, Manifest], output_uri: str) -> Manifest:
     conditioning = conditioning_dataset(inputs["conditioning"], config.encode.conditioning_type)
     control_type = control_type_of(conditioning, config)
     enc = config.encode
-    device = pick_device(enc.device)
-    latent_encoder = LatentEncoder(config.base_model, device)
-    if enc.resolution % latent_encoder.downsampling:
-        from pipeline_configs import ConfigError
 
-        raise ConfigError(
-            f"encode.resolution {enc.resolution} is not divisible by the VAE's downsampling {latent_encoder.downsampling}"
-        )
-    text_encoder = TextEncoder(config.base_model, enc.max_text_length, device)
-    check_cross_attention(config.base_model, text_encoder.hidden_size)
-    write_uncond(output_uri, text_encoder)
+    @functools.cache
+    def encoders() -> tuple:
+        """The models, loaded and checked when the first shard is left to do (a rerun that finds every shard
+        done loads nothing); the empty-prompt encoding is written before any shard is committed."""
+        device = pick_device(enc.device)
+        latent_encoder = LatentEncoder(config.base_model, device)
+        if enc.resolution % latent_encoder.downsampling:
+            from pipeline_configs import ConfigError
+
+            raise ConfigError(
+                f"encode.resolution {enc.resolution} is not divisible by the VAE's downsampling {latent_encoder.downsampling}"
+            )
+        text_encoder = TextEncoder(config.base_model, enc.max_text_length, device)
+        check_cross_attention(config.base_model, text_encoder.hidden_size)
+        write_uncond(output_uri, text_encoder)
+        return text_encoder, latent_encoder
+
     return run_per_shard(
         STAGE, [conditioning], output_uri, config_hash(config), SCHEMA,
-        lambda table, _: encode_shard(table, text_encoder, latent_encoder, enc, control_type),
+        lambda table, _: encode_shard(table, *encoders(), enc, control_type),
         columns=INPUT_COLUMNS,
     )

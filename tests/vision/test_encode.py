@@ -158,3 +158,16 @@ def test_t5_text_encoder(assets, conditioning, tmp_path):
     with pytest.raises(ConfigError, match="cross-attends to 32"):
         stage.run(cfg, {"conditioning": conditioning}, str(tmp_path / "encode-wide"))
     assert not (tmp_path / "encode-wide" / "data").exists()
+
+
+def test_a_rerun_that_finds_every_shard_done_loads_no_model(encoded, assets, conditioning, monkeypatch):
+    """A finished encode on rerun costs its manifest check, not loading a VAE and a text encoder."""
+    from components.encode import latents, text
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("a model was loaded although every shard was done")
+
+    monkeypatch.setattr(latents, "LatentEncoder", no_model)
+    monkeypatch.setattr(text, "TextEncoder", no_model)
+    again = stage.run(data.config(assets), {"conditioning": conditioning}, encoded.uri)
+    assert (again.shards, again.rows_out, again.notes) == (encoded.shards, encoded.rows_out, encoded.notes)

@@ -79,3 +79,18 @@ def test_sigkilled_stage_resumes_to_the_uninterrupted_result(setup, stage, tmp_p
         assert np.allclose(np.array(got.column(column).to_pylist()), np.array(want.column(column).to_pylist()), atol=1e-6)
     else:
         assert got.column(column).to_pylist() == want.column(column).to_pylist()
+
+
+def test_a_rerun_that_finds_every_shard_done_loads_no_model(setup, tmp_path, monkeypatch):
+    """A finished stage on rerun costs its manifest check, not a model load (seconds on a real CLIP)."""
+    from components.clip_embed import stage as clip_stage
+
+    cfg, seeds = setup
+    first = clip_stage.run(cfg, {"seeds": Manifest.load(seeds)}, str(tmp_path / "out"))
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded although every shard was done")
+
+    monkeypatch.setattr(clip_stage, "ClipImageEmbedder", no_model)
+    again = clip_stage.run(cfg, {"seeds": Manifest.load(seeds)}, str(tmp_path / "out"))
+    assert (again.shards, again.rows_out) == (first.shards, first.rows_out)
