@@ -128,7 +128,7 @@ class CaptionConfig:
     batch_size: int = throughput(16)
     max_new_tokens: int = 30
     num_beams: int = 1
-    prompt: str = ""  # conditional captioning prefix, e.g. "a photography of"
+    prompt: str = ""  # conditional captioning prefix, e.g. "a photography of"; stripped from the captions, as BLIP does
     device: str = throughput("auto")
 
 

@@ -26,6 +26,9 @@ class BlipCaptioner:
         self.model, self.processor = load(model_cls, AutoProcessor, model_id, self.device)
         self.generate_kwargs = {"max_new_tokens": max_new_tokens, "num_beams": num_beams, "do_sample": False}
         self.prompt = prompt
+        # The prompt as the decoder spells it back (BLIP's uncased tokenizer lower-cases it), to strip it from captions.
+        tokenizer = self.processor.tokenizer
+        self.decoded_prompt = tokenizer.decode(tokenizer(prompt, add_special_tokens=False).input_ids).strip() if prompt else ""
 
     def prepare(self, pil_images: list):
         """The processor's CPU work, separate so that it can run ahead of generation."""
@@ -39,7 +42,15 @@ class BlipCaptioner:
             batch = inputs.to(self.device)
             batch["pixel_values"] = batch["pixel_values"].to(self.model.dtype)
             tokens = self.model.generate(**batch, **self.generate_kwargs)
-        return [t.strip() for t in self.processor.batch_decode(tokens, skip_special_tokens=True)]
+        return [self.without_prompt(t) for t in self.processor.batch_decode(tokens, skip_special_tokens=True)]
+
+    def without_prompt(self, text: str) -> str:
+        """The generated text less the conditional prompt it continues, as the original BLIP returns captions
+        (caption[len(prompt):]): "a photography of a cat" is the caption "a cat" of that prompt."""
+        text = text.strip()
+        if self.decoded_prompt and text.startswith(self.decoded_prompt):
+            return text[len(self.decoded_prompt):].strip()
+        return text
 
     def __call__(self, pil_images: list) -> list[str]:
         return self.run(self.prepare(pil_images))

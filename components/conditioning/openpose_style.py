@@ -1,5 +1,8 @@
-"""Draw body keypoints the way OpenPose (and ControlNet's openpose models) expect: the 18 COCO keypoints,
-colored limbs as ellipses and colored joints on black.
+"""Draw body keypoints as the openpose annotator draws them (controlnet_aux 0.0.10 open_pose/util.py draw_bodypose,
+the same as ControlNet 1.1's), the controls ControlNet's openpose models were trained on: the 18 COCO keypoints,
+limbs as filled ellipses (stick width 4) in 0.6 of their colour, each painted over the ones before it where
+they overlap, then joints as circles of radius 4 in full colour, on black, on a canvas of the detection size
+(conditioning.detect_resolution) resized back to the image's size.
 
 MediaPipe gives 33 landmarks; OpenPose's 18 map onto them, with the neck as the shoulders' midpoint.
 """
@@ -8,6 +11,8 @@ from __future__ import annotations
 import math
 
 import numpy as np
+
+from components.conditioning.resolution import detection_size, to_image_size
 
 # OpenPose COCO-18 order -> MediaPipe pose landmark index ("neck" is derived).
 OPENPOSE_FROM_MEDIAPIPE = {
@@ -23,6 +28,8 @@ LIMBS = [(1, 2), (1, 5), (2, 3), (3, 4), (5, 6), (6, 7), (1, 8), (8, 9), (9, 10)
 COLORS = [(255, 0, 0), (255, 85, 0), (255, 170, 0), (255, 255, 0), (170, 255, 0), (85, 255, 0), (0, 255, 0),
           (0, 255, 85), (0, 255, 170), (0, 255, 255), (0, 170, 255), (0, 85, 255), (0, 0, 255), (85, 0, 255),
           (170, 0, 255), (255, 0, 255), (255, 0, 170), (255, 0, 85)]
+STICK_WIDTH = 4  # pixels at the detection size, as draw_bodypose
+JOINT_RADIUS = 4
 
 
 def openpose_keypoints(landmarks, width: int, height: int, min_visibility: float) -> list[tuple[float, float] | None]:
@@ -44,22 +51,23 @@ def openpose_keypoints(landmarks, width: int, height: int, min_visibility: float
     return keypoints
 
 
-def draw(keypoints: list[tuple[float, float] | None], width: int, height: int) -> np.ndarray:
+def draw(keypoints: list[tuple[float, float] | None], width: int, height: int, resolution: int = 0) -> np.ndarray:
+    """The skeleton of pixel keypoints (at width × height) drawn at the detection size, returned at width × height."""
     import cv2
 
-    canvas = np.zeros((height, width, 3), dtype=np.uint8)
-    stick = max(1, round(4 * max(width, height) / 512))
+    canvas_width, canvas_height = detection_size(width, height, resolution)
+    canvas = np.zeros((canvas_height, canvas_width, 3), dtype=np.uint8)
+    points = [None if k is None else (k[0] / width * float(canvas_width), k[1] / height * float(canvas_height)) for k in keypoints]
     for (a, b), color in zip(LIMBS, COLORS):
-        if keypoints[a] is None or keypoints[b] is None:
+        if points[a] is None or points[b] is None:
             continue
-        (xa, ya), (xb, yb) = keypoints[a], keypoints[b]
-        length = math.hypot(xa - xb, ya - yb)
+        (xa, ya), (xb, yb) = points[a], points[b]
+        length = ((ya - yb) ** 2 + (xa - xb) ** 2) ** 0.5  # draw_bodypose's arithmetic, so that its pixels are ours
         angle = math.degrees(math.atan2(ya - yb, xa - xb))
-        polygon = cv2.ellipse2Poly((int((xa + xb) / 2), int((ya + yb) / 2)), (int(length / 2), stick), int(angle), 0, 360, 1)
-        limb = canvas.copy()
-        cv2.fillConvexPoly(limb, polygon, [int(c * 0.6) for c in color])
-        canvas = np.maximum(canvas, limb)
-    for keypoint, color in zip(keypoints, COLORS):
-        if keypoint is not None:
-            cv2.circle(canvas, (int(keypoint[0]), int(keypoint[1])), stick, color, thickness=-1)
-    return canvas
+        center = (int((xa + xb) / 2), int((ya + yb) / 2))
+        polygon = cv2.ellipse2Poly(center, (int(length / 2), STICK_WIDTH), int(angle), 0, 360, 1)
+        cv2.fillConvexPoly(canvas, polygon, [int(float(c) * 0.6) for c in color])
+    for point, color in zip(points, COLORS):
+        if point is not None:
+            cv2.circle(canvas, (int(point[0]), int(point[1])), JOINT_RADIUS, color, thickness=-1)
+    return to_image_size(canvas, width, height)

@@ -121,6 +121,12 @@ def check_settings(config) -> None:
         raise ConfigError(f"conditioning.caption_source must be one of {', '.join(CAPTION_SOURCES)}, got {cfg.caption_source!r}")
     if cfg.workers < 0:
         raise ConfigError(f"conditioning.workers must be 0 (one per core) or more, got {cfg.workers}")
+    if cfg.detect_resolution != 0 and cfg.detect_resolution < 64:
+        raise ConfigError(f"conditioning.detect_resolution must be 0 (the image's own size) or at least 64 "
+                          f"(sides are rounded to multiples of 64), got {cfg.detect_resolution}")
+    for name in ("pose_min_spread", "pose_min_area", "pose_max_limb_ratio", "pose_min_head_ratio"):
+        if getattr(cfg, name) < 0:
+            raise ConfigError(f"conditioning.{name} must be 0 (no check) or more, got {getattr(cfg, name)}")
 
 
 def run(config, inputs: dict[str, Manifest], output_uri: str):

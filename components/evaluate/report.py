@@ -31,6 +31,27 @@ def _cell(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ") or "*(empty prompt)*"
 
 
+YARDSTICKS = {  # what each row of the control-fidelity table is, on the same controls
+    "generated": "generated images",
+    "reference": "reference images (the ceiling)",
+    "noise": "uniform noise images (the floor)",
+    "all_edges": "every pixel an edge (the floor)",
+}
+
+
+def _yardsticks(table: dict) -> list[str]:
+    """Control fidelity of the generated images between its floor and ceiling: a score near the noise row means
+    the ControlNet does not follow its controls."""
+    if not table:
+        return []
+    lines = ["", "### Control fidelity against its floor and ceiling", "", "| images | precision | recall | F1 |", "|---|---|---|---|"]
+    for name, label in YARDSTICKS.items():
+        if name in table:
+            row = table[name]
+            lines.append(f"| {label} | {_number(row['precision'])} | {_number(row['recall'])} | {_number(row['f1'])} |")
+    return lines
+
+
 def markdown(summary: dict, per_sample: list[dict]) -> str:
     lines = [
         "# ControlNet evaluation",
@@ -50,6 +71,7 @@ def markdown(summary: dict, per_sample: list[dict]) -> str:
         "|---|---|",
     ]
     lines += [f"| {name} | {_number(value)} |" for name, value in summary["metrics"].items()]
+    lines += _yardsticks(summary.get("fidelity_yardsticks") or {})
     if summary["not_computed"]:
         lines += ["", "Not computed:", ""]
         lines += [f"- **{name}**: {reason}" for name, reason in summary["not_computed"].items()]

@@ -18,9 +18,8 @@ COLUMNS = ["id", "image", "control", "caption", "blip_caption", "source_caption"
 class Sample:
     id: str
     prompt: str
-    control: Image.Image  # R×R, as the ControlNet sees it (same geometry and filter as encode)
+    control: Image.Image  # R×R, as the ControlNet sees it (encode's geometry and filter); fidelity measures against it
     reference: Image.Image  # R×R target image
-    control_source: Image.Image  # the control at its own size, for the edge metric
 
 
 @dataclass
@@ -42,7 +41,6 @@ def _sample(row: dict, resolution: int, caption_source: str) -> Sample:
         prompt=prompt,
         control=square_crop(control, resolution, Image.Resampling.BILINEAR),
         reference=square_crop(image, resolution, Image.Resampling.BICUBIC),
-        control_source=control,
     )
 
 

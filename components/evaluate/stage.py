@@ -2,7 +2,8 @@
 
 Writes grid.png, report.md and metrics.json under the output URI; returns the metrics summary.
 Metrics: CLIP score of generated (and, as a yardstick, reference) images against their prompts;
-control fidelity (canny: edge F1; pose: PCK, only where MediaPipe is importable); FD_CLIP, the
+control fidelity (canny: BSDS edge F1, beside the F1 of noise and all-edges maps and of the reference
+images on the same controls; pose: PCK, only where MediaPipe is importable); FD_CLIP, the
 Fréchet distance between CLIP image features of generated and reference images, only with at least
 evaluate.fid_min_images pairs. A metric that is not computed is listed with its reason, never dropped.
 """
@@ -48,7 +49,7 @@ def measure(config, control_type: str, samples: list, generated: list, device: s
     from components.evaluate.clip_score import ClipScorer
 
     ev, resolution = config.evaluate, config.encode.resolution
-    metrics, not_computed = {}, {}
+    metrics, not_computed, fidelity_table = {}, {}, {}
     per_sample = [{"id": s.id, "prompt": s.prompt} for s in samples]
     definitions = [
         f"clip_score: mean over samples with a non-empty prompt of 100 × cos(CLIP image, CLIP text), "
@@ -74,15 +75,27 @@ def measure(config, control_type: str, samples: list, generated: list, device: s
 
     if control_type == "canny":
         low, high = config.conditioning.canny_low, config.conditioning.canny_high
-        results = [fidelity.canny_fidelity(g, s.control_source, resolution, low, high) for g, s in zip(generated, samples)]
-        for row, result in zip(per_sample, results):
-            row["canny_f1"] = result["f1"]
+        yardsticks = {  # the same controls scored for generated images and for the floor and ceiling
+            "generated": [fidelity.canny_fidelity(g, s.control, low, high) for g, s in zip(generated, samples)],
+            "reference": [fidelity.canny_fidelity(s.reference, s.control, low, high) for s in samples],
+            "noise": [fidelity.canny_fidelity(fidelity.noise_image(resolution, ev.seed + i), s.control, low, high)
+                      for i, s in enumerate(samples)],
+            "all_edges": [fidelity.all_edges_fidelity(s.control) for s in samples],
+        }
+        for row, generated_score, reference_score in zip(per_sample, yardsticks["generated"], yardsticks["reference"]):
+            row["canny_f1"], row["canny_f1_reference"] = generated_score["f1"], reference_score["f1"]
         for key in ("f1", "precision", "recall"):
-            metrics[f"canny_{key}"] = _mean(r[key] for r in results)
+            metrics[f"canny_{key}"] = _mean(r[key] for r in yardsticks["generated"])
+        for name in ("reference", "noise", "all_edges"):
+            metrics[f"canny_f1_{name}"] = _mean(r["f1"] for r in yardsticks[name])
+        fidelity_table = {name: {key: _mean(r[key] for r in results) for key in ("precision", "recall", "f1")}
+                          for name, results in yardsticks.items()}
         definitions.append(
-            f"canny_f1/precision/recall: Canny edges of the generated image (thresholds {low}/{high}) against the "
-            f"control's edges at {resolution} px, matched within {fidelity.edge_tolerance(resolution)} px "
-            f"(0.75% of the diagonal, BSDS500's tolerance)."
+            f"canny_f1/precision/recall: Canny edges of the generated image (RGB, thresholds {low}/{high}) against the "
+            f"edges of the {resolution}×{resolution} control the ControlNet was given (thinned to one pixel), matched one "
+            f"to one within {fidelity.edge_tolerance(resolution)} px (0.75% of the diagonal), as BSDS500. Yardsticks on "
+            f"the same controls: canny_f1_reference, the reference images (the ceiling); canny_f1_noise, uniform noise "
+            f"images, and canny_f1_all_edges, every pixel an edge (the floor)."
         )
     elif control_type == "pose":
         solution = fidelity.mediapipe_pose()
@@ -115,7 +128,8 @@ def measure(config, control_type: str, samples: list, generated: list, device: s
         "fd_clip: Fréchet distance between L2-normalised CLIP image embeddings of generated and reference images "
         "(FID's formula on CLIP features, as Kynkäänniemi et al. 2023; not comparable to Inception-FID numbers)."
     )
-    return {"metrics": metrics, "not_computed": not_computed, "per_sample": per_sample, "definitions": definitions}
+    return {"metrics": metrics, "not_computed": not_computed, "per_sample": per_sample, "definitions": definitions,
+            "fidelity": fidelity_table}
 
 
 def run(config, inputs: dict, output_uri: str) -> dict:
@@ -168,6 +182,7 @@ def run(config, inputs: dict, output_uri: str) -> dict:
         "metrics": measured["metrics"],
         "not_computed": measured["not_computed"],
         "definitions": measured["definitions"],
+        "fidelity_yardsticks": measured["fidelity"],
     }
     rows = [(s.control, image, s.reference) for s, image in zip(samples, generated)]
     storage.write_bytes_atomic(storage.join(output_uri, "grid.png"), report.grid(rows, enc.resolution))

@@ -56,6 +56,15 @@ def astronaut(seeds_folder) -> Image.Image:
     return Image.open(seeds_folder / "astronaut.jpg").convert("RGB")
 
 
+@pytest.fixture(scope="session")
+def grace_hopper() -> Image.Image:
+    """A portrait photo that matplotlib (a MediaPipe dependency, so in this family's environment) ships."""
+    import importlib.util
+
+    folder = pathlib.Path(importlib.util.find_spec("matplotlib").origin).parent
+    return Image.open(folder / "mpl-data" / "sample_data" / "grace_hopper.jpg").convert("RGB")
+
+
 def encode(image: Image.Image | np.ndarray, fmt: str = "PNG") -> bytes:
     if isinstance(image, np.ndarray):
         image = Image.fromarray(image)

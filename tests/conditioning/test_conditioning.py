@@ -39,7 +39,8 @@ def pose():
 
 
 def edges(rgb: np.ndarray, low: int, high: int) -> np.ndarray:
-    return CannyConditioner(conditioning_config(canny_low=low, canny_high=high).conditioning)(rgb)
+    """At the image's own size (detect_resolution 0): plain binary Canny."""
+    return CannyConditioner(conditioning_config(canny_low=low, canny_high=high, detect_resolution=0).conditioning)(rgb)
 
 
 def test_canny_is_binary_edges_same_size_read_back_as_three_equal_channels(astronaut):
@@ -132,7 +133,9 @@ def test_stage_writes_one_dataset_per_type_with_exact_accounting(tmp_path, astro
         for row in rows.values():
             control = Image.open(io.BytesIO(row["control"]))
             image = Image.open(io.BytesIO(row["image"]))
-            assert control.format == "PNG" and control.mode == {"canny": "1", "pose": "RGB"}[name] and control.size == image.size
+            # canny: made at 512 (detect_resolution) and resized back to 128 px, soft as controlnet_aux's; none is 1-bit
+            mode = "RGB" if name == "pose" else "1" if row["id"] == "flat" else "L"
+            assert control.format == "PNG" and control.mode == mode and control.size == image.size
         assert rows["astronaut"]["caption"] == "an astronaut"  # prefer_source: the source caption ...
         assert rows["mirrored"]["caption"] == "a person"  # ... unless it is blank: then BLIP's
     canny_flat = np.asarray(Image.open(io.BytesIO({r["id"]: r for r in rows_of(storage.join(out, "canny"))}["flat"]["control"])))

@@ -3,6 +3,7 @@
 `ControlNetModel.from_unet(...).save_pretrained(<train output>/controlnet)` is exactly the format
 the train stage exports, so the stage runs its real code path.
 """
+import dataclasses
 import json
 import math
 import pathlib
@@ -17,6 +18,7 @@ from PIL import Image
 import model_half_data as data
 from cnpipe import splits
 from cnpipe.dataset import Manifest
+from components.encode.pixels import square_crop
 from components.evaluate import fidelity
 from components.evaluate.frechet import frechet_distance
 from components.evaluate.stage import run
@@ -68,13 +70,21 @@ def test_cli_writes_grid_report_and_metrics(assets, conditioning, trained, tmp_p
         assert grid.size == (3 * 64, len(expected_ids) * 64)
     for name in ("clip_score", "clip_score_reference", "canny_f1", "canny_precision", "canny_recall"):
         assert math.isfinite(metrics["metrics"][name]), name
-    for name in ("canny_f1", "canny_precision", "canny_recall"):
+    for name in ("canny_f1", "canny_precision", "canny_recall", "canny_f1_reference", "canny_f1_noise", "canny_f1_all_edges"):
         assert 0.0 <= metrics["metrics"][name] <= 1.0
+    # the floor and the ceiling on the same controls (the fixture's controls are gray canny of the 96x72 images)
+    assert metrics["metrics"]["canny_f1_noise"] < 0.25 and metrics["metrics"]["canny_f1_all_edges"] < 0.15
+    assert metrics["metrics"]["canny_f1_reference"] > 0.6
+    assert set(metrics["fidelity_yardsticks"]) == {"generated", "reference", "noise", "all_edges"}
+    assert metrics["fidelity_yardsticks"]["generated"]["f1"] == metrics["metrics"]["canny_f1"]
     assert "fd_clip" not in metrics["metrics"]
     assert "fid_min_images=50" in metrics["not_computed"]["fd_clip"]
 
     report = (out / "report.md").read_text()
     assert "](grid.png)" in report
+    noise_f1 = f"{metrics['fidelity_yardsticks']['noise']['f1']:.4g} |"
+    assert "| uniform noise images (the floor) |" in report and noise_f1 in report
+    assert "| reference images (the ceiling) |" in report and "| every pixel an edge (the floor) |" in report
     for name in [*metrics["metrics"], "fd_clip", "fid_min_images=50"]:
         assert name in report
     for sample in metrics["per_sample"]:
@@ -132,16 +142,79 @@ def test_edge_f1_with_tolerance():
     assert fidelity.edge_f1(empty, empty, 1)["f1"] == 1.0
     assert fidelity.edge_f1(empty, target, 1) == {"precision": 0.0, "recall": 0.0, "f1": 0.0}
     half = target.copy()
-    half[10, 15:25] = False  # 10 of 20 found; column 15 is within 1 px of 14, so 11 count: nothing spurious
-    assert fidelity.edge_f1(half, target, 1) == pytest.approx({"precision": 1.0, "recall": 0.55, "f1": 1.1 / 1.55})
+    half[10, 15:25] = False  # 10 of 20 found; column 14 is within 1 px of 15 too, but one to one it pairs once
+    assert fidelity.edge_f1(half, target, 1) == pytest.approx({"precision": 1.0, "recall": 0.5, "f1": 2 / 3})
     assert fidelity.edge_tolerance(64) == 1 and fidelity.edge_tolerance(512) == 5
 
 
-def test_control_edges_keep_thin_lines_when_downscaled():
+def test_edges_are_matched_one_to_one():
+    """Three parallel lines around one control line: each is within tolerance, but only one can pair with it."""
+    target = np.zeros((32, 32), bool)
+    target[10, 5:25] = True
+    triple = target | np.roll(target, 1, axis=0) | np.roll(target, -1, axis=0)
+    assert fidelity.edge_f1(triple, target, 1) == pytest.approx({"precision": 1 / 3, "recall": 1.0, "f1": 0.5})
+    assert fidelity.edge_f1(target, triple, 1) == pytest.approx({"precision": 1.0, "recall": 1 / 3, "f1": 0.5})
+    everything = np.ones_like(target)
+    assert fidelity.edge_f1(everything, target, 1)["precision"] == pytest.approx(20 / 1024)
+
+
+def test_matching_is_maximum_as_networkx_hopcroft_karp():
+    import networkx as nx
+
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        size, tolerance = int(rng.integers(6, 24)), float(rng.choice([1, 2, 3]))
+        a, b = rng.random((size, size)) < rng.uniform(0.05, 0.6), rng.random((size, size)) < rng.uniform(0.05, 0.6)
+        graph = nx.Graph()
+        left = [("a", p) for p in zip(*np.nonzero(a))]
+        graph.add_nodes_from(left)
+        graph.add_nodes_from(("b", q) for q in zip(*np.nonzero(b)))
+        graph.add_edges_from((("a", p), ("b", q)) for _, p in left for q in zip(*np.nonzero(b))
+                             if (p[0] - q[0]) ** 2 + (p[1] - q[1]) ** 2 <= tolerance ** 2)
+        expected = len(nx.bipartite.hopcroft_karp_matching(graph, top_nodes=left)) // 2
+        assert fidelity.matched_edges(a, b, tolerance) == expected
+
+
+def test_thinning_is_scikit_image_thin():
+    square = np.zeros((7, 7), bool)  # the example of skimage.morphology.thin's docstring, and its result
+    square[1:-1, 2:-2] = True
+    square[0, 1] = True
+    expected = np.zeros((7, 7), bool)
+    expected[0, 1] = expected[1, 2] = True
+    expected[2:5, 3] = True
+    np.testing.assert_array_equal(fidelity.thin(square), expected)
+
+
+def test_control_edges_are_the_thinned_control_the_model_saw():
     control = np.zeros((256, 256, 3), np.uint8)
-    control[100, :, :] = 255  # one-pixel line, 4x downscale
-    edges = fidelity.control_edges(Image.fromarray(control), 64)
-    assert edges.shape == (64, 64) and edges[25].all() and edges.sum() == 64
+    control[100, :, :] = 255  # a one-pixel line, shrunk 4x as encode shrinks controls: a faint band, thinned back
+    seen = square_crop(Image.fromarray(control), 64, Image.Resampling.BILINEAR)
+    assert (np.asarray(seen)[:, 0, 0] > 0).sum() > 1
+    edges = fidelity.control_edges(seen)
+    assert edges.shape == (64, 64) and edges.any(axis=1).sum() == 1 and edges.sum() >= 62  # one line (its ends may thin)
+    thick = np.zeros((64, 64, 3), np.uint8)
+    thick[30:35, 10:50] = 255  # a five-pixel stroke counts as one line
+    assert fidelity.control_edges(Image.fromarray(thick)).any(axis=0).sum() >= 36
+    assert fidelity.control_edges(Image.fromarray(thick)).sum() <= 42
+
+
+@pytest.mark.parametrize("resolution", [128, 256])
+def test_noise_and_all_edges_score_near_zero_and_the_reference_at_its_ceiling(resolution):
+    """Controls as the conditioning stage makes them from the reference (canny at the image's size): the reference
+    scores 1, while noise and an all-edges map, which the old many-to-one metric put near 0.65, score near 0."""
+    from components.conditioning.canny import CannyConditioner
+
+    canny = CannyConditioner(dataclasses.replace(data.config(pathlib.Path("/unused")).conditioning, detect_resolution=0))
+    scores = {"reference": [], "noise": [], "all_edges": []}
+    for i in range(6):
+        reference = data._scene(i, (resolution, resolution))
+        control = Image.fromarray(canny(np.asarray(reference))).convert("RGB")
+        scores["reference"].append(fidelity.canny_fidelity(reference, control, 100, 200)["f1"])
+        scores["noise"].append(fidelity.canny_fidelity(fidelity.noise_image(resolution, i), control, 100, 200)["f1"])
+        scores["all_edges"].append(fidelity.all_edges_fidelity(control)["f1"])
+    means = {name: float(np.mean(values)) for name, values in scores.items()}
+    assert means["reference"] == 1.0, means
+    assert means["noise"] < 0.15 and means["all_edges"] < 0.06, means
 
 
 def test_pck():
