@@ -8,7 +8,9 @@ import argparse
 import errno
 import hashlib
 import json
+import signal
 import sys
+import threading
 from typing import Any, Callable
 
 from cnpipe import storage
@@ -86,7 +88,31 @@ def summary(stage: str, result: "Manifest | StageOutput | dict") -> dict:
     }
 
 
+class Interrupted(BaseException):
+    """SIGINT or SIGTERM: unwinds the stage like an exception, so that its workers and temporaries are cleaned up."""
+
+
+def _interrupt(signum, _frame):
+    raise Interrupted(signal.Signals(signum).name)
+
+
 def main(stage: str, run: Callable[..., "Manifest | dict"], argv: list[str] | None = None) -> int:
+    import pipeline_configs
+
+    main_thread = threading.current_thread() is threading.main_thread()
+    saved = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGINT, signal.SIGTERM)} if main_thread else {}
+    try:
+        return _main(stage, run, argv)
+    except Interrupted as sig:
+        print(f"{stage}: stopped by {sig}; its committed shards are kept, and the same command resumes after them",
+              file=sys.stderr)
+        return 130
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+
+
+def _main(stage: str, run: Callable[..., "Manifest | dict"], argv: list[str] | None) -> int:
     import pipeline_configs
 
     args = parse(argv)

@@ -6,9 +6,11 @@ interpreter is named by CNPIPE_PYTHON_<FAMILY> or is the current one.
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
 import os
 import pathlib
+import signal
 import subprocess
 import sys
 import threading
@@ -45,19 +47,58 @@ def last_lines(tail: bytes, count: int = 12) -> str:
     return "\n".join([line for line in lines if line.strip()][-count:])
 
 
+STOP_GRACE_S = 5.0  # how long a stopped stage gets to clean up (its temporaries, its workers) before SIGKILL
+
+
+def stop_group(process: subprocess.Popen, grace: float = STOP_GRACE_S) -> None:
+    """Stop a stage and every process it started (its own process group: img2dataset's workers, conditioning's
+    helpers): SIGTERM, a few seconds to finish, then SIGKILL for whatever is left, so that no orphan outlives it."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGTERM)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        process.wait(timeout=grace)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)
+
+
+@contextlib.contextmanager
+def stop_stage_on_signal(process: subprocess.Popen):
+    """SIGINT or SIGTERM to this process (Ctrl-C, a pod being deleted) stops the stage's whole group and exits at
+    once, quietly: the driver says what was interrupted, once. Only where handlers can be set (the main thread)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, _frame):
+        stop_group(process)
+        os._exit(128 + signum)
+
+    saved = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+
+
 def run_and_relay(argv: list[str], env: dict) -> tuple[int, str]:
     """Run a stage with its stderr passed through live; return its exit status and the last lines it wrote,
-    so that a failure names its cause where the orchestrator reports it, not only in the stage's log."""
+    so that a failure names its cause where the orchestrator reports it, not only in the stage's log. The stage
+    runs in its own process group, which is stopped as a whole on an interrupt and cleared when the stage ends
+    (a worker it left behind would otherwise hold the pipe, and the run, open)."""
     tail: collections.deque = collections.deque(maxlen=TAIL_BYTES)
-    with subprocess.Popen(argv, env=env, stderr=subprocess.PIPE) as process:
+    with subprocess.Popen(argv, env=env, stderr=subprocess.PIPE, start_new_session=True) as process:
         relay = threading.Thread(target=_relay, args=(process.stderr, sys.stderr, tail), daemon=True)
         relay.start()
         try:
-            returncode = process.wait()
+            with stop_stage_on_signal(process):
+                returncode = process.wait()
         except BaseException:
-            process.kill()
+            stop_group(process, grace=0)
             raise
-        relay.join(timeout=5)  # a worker the stage left behind may still hold the pipe open
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)  # leftovers only: the stage itself has exited
+        relay.join(timeout=5)
     return returncode, last_lines(bytes(tail))
 
 

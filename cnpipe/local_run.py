@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import pathlib
+import signal
 import subprocess
 import sys
 import time
@@ -68,9 +69,8 @@ def prepare_embedded(config, run_root: str, run_dir: pathlib.Path):
         if ready.exists():
             break
         web.kill()
-        if port:
-            print(f"port {port} is taken: serving on a new one (row ids, which come from the URLs, differ from other "
-                  "runs'; URLs retrieved by an earlier attempt may now fail to download and are counted as such)", file=sys.stderr)
+        if port:  # a taken port the service handles itself (local_web.listen); this is any other failure to start
+            print(f"the embedded web did not start on port {port} (its log is above): trying any free port", file=sys.stderr)
     else:
         raise RuntimeError("the embedded web/kNN service did not start (see its log above)")
     storage.write_bytes_atomic(remembered, ready.read_bytes())
@@ -98,7 +98,8 @@ def summary_lines(root: str) -> list[str]:
                 if info["rejections"]:
                     lines.append(f"{'':<22}rejected: " + ", ".join(f"{k} {v}" for k, v in info["rejections"].items()))
         else:
-            shown = {k: v for k, v in result.summary.items() if isinstance(v, (int, float, str)) and k != "uri"}
+            shown = {k: v for k, v in result.summary.items()
+                     if isinstance(v, (int, float, str)) and k not in ("uri", "config_hash")}
             lines.append(f"{stage:<22}{'':>29}  {uri}")
             if "metrics" in result.summary:
                 shown.update({k: round(v, 4) for k, v in result.summary["metrics"].items() if isinstance(v, float)})
@@ -165,6 +166,51 @@ def quiet_kfp_logs():
         root.removeFilter(keep)
 
 
+def running_stages(processes) -> list[str]:
+    """The stages among `processes` (psutil), by their command line (`python -m components.<stage>`)."""
+    names = set()
+    for process in processes:
+        with contextlib.suppress(Exception):
+            argv = process.cmdline()
+            if "-m" in argv and argv.index("-m") + 1 < len(argv) and argv[argv.index("-m") + 1].startswith("components."):
+                names.add(argv[argv.index("-m") + 1].split(".", 1)[1])
+    return sorted(names)
+
+
+@contextlib.contextmanager
+def stop_everything_on_signal(run_id: str):
+    """Ctrl-C (or SIGTERM) stops the run within seconds: every process it started (kfp's tasks, the stages and their
+    workers, the embedded web) is terminated, then killed if still there, and one line says what was interrupted and
+    how to resume. Without this, kfp.local retried an interrupted task and an orphaned worker held the run open."""
+    import psutil
+
+    from cnpipe.families import STOP_GRACE_S
+
+    def stop(signum, _frame):
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the clean-up short
+        children = psutil.Process().children(recursive=True)
+        stages = running_stages(children)
+        for process in children:
+            with contextlib.suppress(psutil.Error):
+                process.terminate()
+        _, alive = psutil.wait_procs(children, timeout=STOP_GRACE_S + 1)
+        for process in alive:
+            with contextlib.suppress(psutil.Error):
+                process.kill()
+        print(f"\nrun {run_id} interrupted ({signal.Signals(signum).name}) while running {', '.join(stages) or 'no stage'}; "
+              f"every process it started is stopped and committed work is kept. Resume with: "
+              f"python pipeline.py run --run-id {run_id}", file=sys.stderr)
+        sys.stderr.flush()
+        os._exit(128 + signum)
+
+    saved = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+
+
 def run(config, build_pipeline, run_id: str | None = None) -> int:
     from kfp import local
 
@@ -184,22 +230,24 @@ def run(config, build_pipeline, run_id: str | None = None) -> int:
     local_dir = pathlib.Path(run_root if "://" not in run_root else REPO_ROOT / ".cache" / "kfp" / remote_key)
     local_dir.mkdir(parents=True, exist_ok=True)
     web = None
-    if config.embedded_assets:
-        config, web = prepare_embedded(config, run_root, local_dir)
-    print(f"run {run_id}: outputs under {run_root}", file=sys.stderr)
     started = time.time()
-    try:
-        local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(local_dir / "_kfp"))
-        with quiet_kfp_logs():
-            build_pipeline(config)(config_json=config.to_json(), run_id=run_id)
-        status = 0
-    except Exception as err:  # kfp.local raises after printing the failing task's log
-        print(f"\nrun {run_id} failed: {err}\nrerun with --run-id {run_id} to resume", file=sys.stderr)
-        status = 1
-    finally:
-        if web is not None:
-            web.terminate()
-            web.wait(timeout=30)
+    with stop_everything_on_signal(run_id):
+        if config.embedded_assets:
+            config, web = prepare_embedded(config, run_root, local_dir)
+        print(f"run {run_id}: outputs under {run_root}", file=sys.stderr)
+        started = time.time()
+        try:
+            local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(local_dir / "_kfp"))
+            with quiet_kfp_logs():
+                build_pipeline(config)(config_json=config.to_json(), run_id=run_id)
+            status = 0
+        except Exception as err:  # kfp.local raises after printing the failing task's log
+            print(f"\nrun {run_id} failed: {err}\nrerun with --run-id {run_id} to resume", file=sys.stderr)
+            status = 1
+        finally:
+            if web is not None:
+                web.terminate()
+                web.wait(timeout=30)
     print(f"\nrun {run_id} {'finished' if status == 0 else 'stopped'} in {time.time() - started:.0f} s\n")
     print("\n".join(summary_lines(run_root)))
     report = storage.join(run_root, "report", "report.md")

@@ -122,3 +122,63 @@ def test_same_rows_per_stage_with_storage_on_a_gcs_emulator(finished_run, monkey
     local_root, _ = finished_run
     assert on_gcs == rows_per_stage(str(local_root))
     assert "gs://cnpipe-test/runs/gcs/report/report.md" in stdout
+
+
+def _processes_tagged(tag: str) -> list:
+    """Every live process that inherited the environment variable CNPIPE_TEST_TAG=tag (the run's whole tree: the
+    driver, kfp's tasks, the stages in their own sessions, their spawned workers, the embedded web)."""
+    import psutil
+
+    found = []
+    for process in psutil.process_iter():
+        try:
+            if process.environ().get("CNPIPE_TEST_TAG") == tag and process.status() != psutil.STATUS_ZOMBIE:
+                found.append(process)
+        except psutil.Error:
+            pass
+    return found
+
+
+def _interrupt_while(stage: str, argv: list[str], env: dict) -> str:
+    """Start the run as a terminal would (its own process group), press Ctrl-C once `stage` runs; its stderr."""
+    import os
+    import signal
+    import time
+
+    import psutil
+
+    process = subprocess.Popen(argv, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)
+    deadline = time.time() + 600
+    while time.time() < deadline and process.poll() is None:
+        running = [p for p in _processes_tagged(env["CNPIPE_TEST_TAG"]) if f"components.{stage}" in " ".join(p.cmdline())]
+        if running:
+            break
+        time.sleep(0.2)
+    assert process.poll() is None, f"the run ended before {stage} started: {process.stderr.read()[-3000:]}"
+    time.sleep(1.0)  # into the stage's work
+    os.killpg(process.pid, signal.SIGINT)  # what Ctrl-C does: SIGINT to the terminal's foreground group
+    stopped = time.time()
+    _, stderr = process.communicate(timeout=60)
+    assert time.time() - stopped < 20, "the run took more than 20 s to stop"
+    assert process.returncode == 130, stderr[-3000:]
+    assert _processes_tagged(env["CNPIPE_TEST_TAG"]) == [], "processes of the interrupted run survived it"
+    return stderr
+
+
+def test_ctrl_c_stops_the_whole_run_at_once_and_the_resume_gives_the_uninterrupted_rows(finished_run, tmp_path):
+    import os
+    import uuid
+
+    tag = uuid.uuid4().hex
+    env = {**os.environ, **JAX_CACHE, "CNPIPE_TEST_TAG": tag}
+    root = tmp_path / "runs"
+    argv = [sys.executable, "pipeline.py", "run", "--run-id", "interrupted", "--set", f"storage.root={root}", *LIGHT]
+    for stage in ("download", "controlnet_train"):
+        stderr = _interrupt_while(stage, argv, env)
+        said = [line for line in stderr.splitlines() if "interrupted (SIGINT)" in line]
+        assert len(said) == 1 and stage in said[0] and "--run-id interrupted" in said[0], stderr[-3000:]
+        assert "Traceback" not in stderr, stderr[-3000:]
+    run_pipeline(str(root), "interrupted")
+    local_root, _ = finished_run
+    assert rows_per_stage(str(root / "interrupted")) == rows_per_stage(str(local_root))
