@@ -53,14 +53,13 @@ def implausibility(keypoints: list, width: int, height: int, cfg) -> str | None:
     if area < cfg.pose_min_area:
         return f"the skeleton's box covers {area:.3f} of the image (< pose_min_area {cfg.pose_min_area})"
     shoulders = math.dist(keypoints[2], keypoints[5])
-    for name, (a, b) in BODY_SEGMENTS.items():
-        if keypoints[a] is None or keypoints[b] is None:
-            continue
-        ratio = math.dist(keypoints[a], keypoints[b]) / shoulders if shoulders else math.inf
-        if ratio > cfg.pose_max_limb_ratio:
-            return f"{name} {ratio:.2f}× the shoulder width (> pose_max_limb_ratio {cfg.pose_max_limb_ratio})"
-        if name == "head" and ratio < cfg.pose_min_head_ratio:
-            return f"head (neck to nose) {ratio:.2f}× the shoulder width (< pose_min_head_ratio {cfg.pose_min_head_ratio})"
+    ratios = {name: math.dist(keypoints[a], keypoints[b]) / shoulders if shoulders else math.inf
+              for name, (a, b) in BODY_SEGMENTS.items() if keypoints[a] is not None and keypoints[b] is not None}
+    longest = max(ratios, key=ratios.get, default=None)
+    if longest and ratios[longest] > cfg.pose_max_limb_ratio:
+        return f"{longest} {ratios[longest]:.2f}× the shoulder width (> pose_max_limb_ratio {cfg.pose_max_limb_ratio})"
+    if ratios.get("head", math.inf) < cfg.pose_min_head_ratio:
+        return f"head (neck to nose) {ratios['head']:.2f}× the shoulder width (< pose_min_head_ratio {cfg.pose_min_head_ratio})"
     return None
 
 

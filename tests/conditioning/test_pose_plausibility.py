@@ -28,12 +28,14 @@ def conditioning_config(**settings) -> pipeline_configs.PipelineConfig:
 
 
 def as_downloaded(image: Image.Image) -> bytes:
-    """What the embedded download stage keeps: shorter side 256, JPEG quality 95 (img2dataset's re-encode)."""
-    scale = 256 / min(image.size)
-    image = image.resize((round(image.width * scale), round(image.height * scale)), Image.Resampling.LANCZOS)
-    buffer = io.BytesIO()
-    image.save(buffer, format="JPEG", quality=95)
-    return buffer.getvalue()
+    """What the embedded download stage keeps, byte for byte: img2dataset's resize (shorter side 256, OpenCV's area
+    filter) and re-encode (OpenCV JPEG, quality 95)."""
+    import cv2
+
+    bgr = cv2.cvtColor(np.asarray(image.convert("RGB")), cv2.COLOR_RGB2BGR)
+    scale = 256 / min(bgr.shape[:2])
+    small = cv2.resize(bgr, (round(bgr.shape[1] * scale), round(bgr.shape[0] * scale)), interpolation=cv2.INTER_AREA)
+    return cv2.imencode(".jpg", small, [cv2.IMWRITE_JPEG_QUALITY, 95])[1].tobytes()
 
 
 def cartoon_horse(seeds_folder) -> bytes:
@@ -57,6 +59,8 @@ def outcome(tmp_path_factory, seeds_folder, grace_hopper, helpers) -> dict[str, 
                 continue  # the assets' deliberately broken files: decode rejections, tested elsewhere
             rows.append({"id": f"{folder.name}/{path.stem}", "image": path.read_bytes()})
     rows.append({"id": "web/horse_framed", "image": cartoon_horse(seeds_folder)})
+    mirrored = Image.open(seeds_folder.parent / "pool" / "motorcycle_left_mirror.jpg")
+    rows.append({"id": "web/motorcycle_left_mirror", "image": as_downloaded(mirrored)})  # as the embedded run has it
     rows.append({"id": "web/grace_hopper", "image": as_downloaded(grace_hopper)})
     source = helpers.write_captioned(str(tmp_path_factory.mktemp("plausible") / "images"), rows, rows_per_shard=16)
     out = str(tmp_path_factory.mktemp("plausible-out"))
@@ -77,7 +81,8 @@ def test_non_person_photos_get_no_pose_row(outcome):
     assert kept == []
     # what MediaPipe fits a skeleton to, and the check refuses: a motorcycle, a cartoon-like horse, two patterns
     implausible = sorted(i for i, o in outcome.items() if o == "implausible_pose")
-    assert implausible == ["pool/motorcycle_left_mirror", "pool/pattern_13", "seeds/pattern_0", "web/horse_framed"]
+    assert implausible == ["pool/motorcycle_left_mirror", "pool/pattern_13", "seeds/pattern_0", "web/horse_framed",
+                           "web/motorcycle_left_mirror"]
     assert outcome["seeds/chelsea"] == outcome["pool/chelsea_poster"] == "no_pose"  # the cat, also posterized
 
 
