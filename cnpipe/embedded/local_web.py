@@ -14,7 +14,7 @@ import mimetypes
 import pathlib
 import signal
 import sys
-import time
+import threading
 import urllib.parse
 
 import numpy as np
@@ -93,6 +93,7 @@ def main() -> None:
     parser.add_argument("--ready-file", required=True, help="written with the port once serving")
     parser.add_argument("--port", type=int, default=0, help="0: any free port; a taken one falls back to a free one (a resumed run passes its old one: URLs name it)")
     args = parser.parse_args()
+    signal.signal(signal.SIGINT, signal.SIG_DFL)  # stopped while loading: end at once, without a traceback
     assets = pathlib.Path(args.assets)
     index = knn_index.KnnIndex(str(build_pool_index(assets, args.clip_model)))
     base_url: list[str] = [""]
@@ -101,9 +102,13 @@ def main() -> None:
     port = server.server_address[1]
     base_url[0] = f"http://127.0.0.1:{port}"
     pathlib.Path(args.ready_file).write_text(json.dumps({"port": port, "knn_url": f"{base_url[0]}/knn-service"}))
-    signal.signal(signal.SIGTERM, lambda *_: server.shutdown() or exit(0))
-    while True:
-        time.sleep(3600)
+    # Ctrl-C reaches this process with the rest of the run, and the driver then terminates it: either way it stops
+    # serving and exits quietly (the driver says, once, what was interrupted)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+    server.shutdown()
 
 
 if __name__ == "__main__":
