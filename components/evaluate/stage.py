@@ -82,12 +82,15 @@ def measure(config, control_type: str, samples: list, generated: list, device: s
                       for i, s in enumerate(samples)],
             "all_edges": [fidelity.all_edges_fidelity(s.control) for s in samples],
         }
-        for row, generated_score, reference_score in zip(per_sample, yardsticks["generated"], yardsticks["reference"]):
-            row["canny_f1"], row["canny_f1_reference"] = generated_score["f1"], reference_score["f1"]
+        for i, row in enumerate(per_sample):
+            row["canny_f1"], row["canny_f1_reference"] = yardsticks["generated"][i]["f1"], yardsticks["reference"][i]["f1"]
+            floor = max(yardsticks["noise"][i]["f1"], yardsticks["all_edges"][i]["f1"])
+            row["canny_fidelity"] = fidelity.above_chance(row["canny_f1"], floor, row["canny_f1_reference"])
         for key in ("f1", "precision", "recall"):
             metrics[f"canny_{key}"] = _mean(r[key] for r in yardsticks["generated"])
         for name in ("reference", "noise", "all_edges"):
             metrics[f"canny_f1_{name}"] = _mean(r["f1"] for r in yardsticks[name])
+        metrics["canny_fidelity"] = _mean(r["canny_fidelity"] for r in per_sample)
         fidelity_table = {name: {key: _mean(r[key] for r in results) for key in ("precision", "recall", "f1")}
                           for name, results in yardsticks.items()}
         definitions.append(
@@ -95,7 +98,9 @@ def measure(config, control_type: str, samples: list, generated: list, device: s
             f"edges of the {resolution}×{resolution} control the ControlNet was given (thinned to one pixel), matched one "
             f"to one within {fidelity.edge_tolerance(resolution)} px (0.75% of the diagonal), as BSDS500. Yardsticks on "
             f"the same controls: canny_f1_reference, the reference images (the ceiling); canny_f1_noise, uniform noise "
-            f"images, and canny_f1_all_edges, every pixel an edge (the floor)."
+            f"images, and canny_f1_all_edges, every pixel an edge (the floor). canny_fidelity: each sample's F1 rescaled "
+            f"between its floor (the better of noise and all-edges, 0) and its reference (1), clipped, then averaged: "
+            f"0 means no better than an image that needs no model."
         )
     elif control_type == "pose":
         solution = fidelity.mediapipe_pose()

@@ -75,6 +75,9 @@ def test_cli_writes_grid_report_and_metrics(assets, conditioning, trained, tmp_p
     # the floor and the ceiling on the same controls (the fixture's controls are gray canny of the 96x72 images)
     assert metrics["metrics"]["canny_f1_noise"] < 0.25 and metrics["metrics"]["canny_f1_all_edges"] < 0.15
     assert metrics["metrics"]["canny_f1_reference"] > 0.6
+    # an untrained (random) ControlNet on a random base: no better than chance once rescaled
+    assert 0.0 <= metrics["metrics"]["canny_fidelity"] <= 1.0
+    assert all(s["canny_fidelity"] is None or 0.0 <= s["canny_fidelity"] <= 1.0 for s in metrics["per_sample"])
     assert set(metrics["fidelity_yardsticks"]) == {"generated", "reference", "noise", "all_edges"}
     assert metrics["fidelity_yardsticks"]["generated"]["f1"] == metrics["metrics"]["canny_f1"]
     assert "fd_clip" not in metrics["metrics"]
@@ -227,3 +230,23 @@ def test_pck():
     invisible = reference.copy()
     invisible[:, 2] = 0.0
     assert fidelity.pck(reference, invisible) is None
+
+
+def test_above_chance_puts_noise_at_zero_and_the_reference_at_one_even_on_dense_controls():
+    """On a dense control (a textured photo) one-to-one matching still gives uniform noise a raw F1 well above 0;
+    canny_fidelity rescales it so that noise and an all-edges map score 0 and the reference 1."""
+    rng = np.random.default_rng(0)
+    blocks = rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)
+    reference = Image.fromarray(blocks).resize((128, 128), Image.Resampling.NEAREST)  # dense edges everywhere
+    control = Image.fromarray(fidelity.canny_edges(reference, 100, 200).astype(np.uint8) * 255).convert("RGB")
+    raw = {"reference": fidelity.canny_fidelity(reference, control, 100, 200)["f1"],
+           "noise": fidelity.canny_fidelity(fidelity.noise_image(128, 1), control, 100, 200)["f1"],
+           "all_edges": fidelity.all_edges_fidelity(control)["f1"]}
+    assert raw["noise"] > 0.2, raw  # what the raw score cannot tell apart from a model
+    floor = max(raw["noise"], raw["all_edges"])
+    assert fidelity.above_chance(raw["noise"], floor, raw["reference"]) == 0.0
+    assert fidelity.above_chance(raw["all_edges"], floor, raw["reference"]) == 0.0
+    assert fidelity.above_chance(raw["reference"], floor, raw["reference"]) == 1.0
+    halfway = (floor + raw["reference"]) / 2
+    assert fidelity.above_chance(halfway, floor, raw["reference"]) == pytest.approx(0.5)
+    assert fidelity.above_chance(0.5, 0.5, 0.5) is None  # a control that tells nothing cannot be scored
