@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import pathlib
+import re
 import signal
 import subprocess
 import sys
@@ -108,12 +109,22 @@ def summary_lines(root: str) -> list[str]:
     return lines
 
 
+ANSI_CODES = re.compile(r"\x1b\[[0-9;]*m")
+
+
 class _KeepStageLines(logging.Filter):
-    """kfp.local logs every task's whole executor input and output artifacts; keep its task start/finish lines."""
+    """kfp.local logs every task's whole executor input and output artifacts; keep its task start/finish lines,
+    without their colour codes when they go to a log file rather than a terminal."""
 
     KEEP = ("Executing task", "finished with status", "Running pipeline", "Pipeline ")
 
+    def __init__(self, colour: bool):
+        super().__init__()
+        self.colour = colour
+
     def filter(self, record: logging.LogRecord) -> bool:
+        if not self.colour and isinstance(record.msg, str):
+            record.msg = ANSI_CODES.sub("", record.msg)
         return record.levelno > logging.INFO or any(k in str(record.msg) for k in self.KEEP)
 
 
@@ -150,7 +161,7 @@ def quiet_kfp_logs():
     import builtins
 
     root, stdout, original_print = logging.getLogger(), sys.stdout, builtins.print
-    keep = _KeepStageLines()
+    keep = _KeepStageLines(colour=stdout.isatty())
     root.addFilter(keep)
     sys.stdout = _DropExecutorDump(stdout)
     try:
