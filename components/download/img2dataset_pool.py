@@ -10,6 +10,8 @@ the next batch downloads while the last one is committed.
 from __future__ import annotations
 
 import glob
+import io
+import json
 import os
 import shutil
 import tempfile
@@ -27,19 +29,28 @@ OUTPUT_COLUMNS = ["row_key", "status", "error_message", "width", "height"]
 
 class Fetched:
     """img2dataset's output rows, by our row key: the small columns as Python values, the images left in Arrow
-    (never one Python bytes object per image: a shard's images are copied once, into the shard we write)."""
+    (never one Python bytes object per image: a shard's images are copied once, into the shard we write), and
+    the conversions our fetch layer made, by row key."""
 
-    def __init__(self, table: pa.Table | None, encode_format: str):
+    def __init__(self, table: pa.Table | None, encode_format: str, conversions: dict[str, dict] | None = None):
         self.images = table.column(encode_format) if table is not None else pa.chunked_array([], pa.binary())
         columns = {name: table.column(name).to_pylist() if table is not None else [] for name in OUTPUT_COLUMNS}
         self.position = {key: i for i, key in enumerate(columns["row_key"])}
         self.status, self.error, self.width, self.height = (columns[n] for n in ("status", "error_message", "width", "height"))
+        self.conversions = conversions or {}
 
     @classmethod
     def read(cls, folder: str, encode_format: str) -> "Fetched":
-        """The Parquet files img2dataset's writer left in `folder`, as one Fetched."""
+        """The Parquet files img2dataset's writer left in `folder`, and our workers' conversion files, as one Fetched."""
         parts = [pq.ParquetFile(path).read(columns=OUTPUT_COLUMNS + [encode_format]) for path in sorted(glob.glob(f"{folder}/*.parquet"))]
-        return cls(pa.concat_tables(parts) if parts else None, encode_format)
+        conversions = {}
+        for path in glob.glob(f"{folder}/*{CONVERSIONS_SUFFIX}"):
+            with open(path) as file:
+                conversions.update(json.load(file))
+        return cls(pa.concat_tables(parts) if parts else None, encode_format, conversions)
+
+
+CONVERSIONS_SUFFIX = ".conversions.json"  # beside a task's Parquet: {row key: {note: count}}
 
 
 def downloader_settings(cfg) -> dict:
@@ -79,7 +90,8 @@ def _download_share(settings: dict, url_file: str, share: int, share_rows: int, 
 
     from components.download import url_guard
 
-    url_guard.require_policy()  # never download unguarded: the stage fails with GuardMissing's message instead
+    policy = url_guard.require_policy()  # never download unguarded: the stage fails with GuardMissing's message instead
+    url_guard.take_conversions()  # nothing of an earlier task
     resizer = Resizer(
         image_size=settings["image_size"], resize_mode=settings["resize_mode"], resize_only_if_bigger=True,
         upscale_interpolation="lanczos", downscale_interpolation="area", encode_quality=settings["encode_quality"],
@@ -89,14 +101,46 @@ def _download_share(settings: dict, url_file: str, share: int, share_rows: int, 
         blurrer=None,
     )
     downloader = Downloader(
-        sample_writer_class=ParquetSampleWriter, resizer=resizer, thread_count=settings["thread_count"],
+        sample_writer_class=ParquetSampleWriter, resizer=NamedDecodeFailures(resizer, policy.max_image_area),
+        thread_count=settings["thread_count"],
         save_caption=False, extract_exif=False, output_folder=out_folder, column_list=["row_key", "url"],
         timeout=settings["timeout_s"], number_sample_per_shard=share_rows, oom_shard_count=5, compute_hash=None,
         verify_hash_type=None, encode_format=settings["encode_format"], retries=settings["retries"],
         user_agent_token=settings["user_agent_token"],
         disallowed_header_directives=list(settings["disallowed_header_directives"]) or None, blurring_bbox_col=None,
     )
+    with pa.memory_map(url_file) as source:  # img2dataset removes it once done
+        rows = pa.ipc.open_file(source).read_all().to_pydict()
     downloader.download_shard((share, url_file))  # raises instead of img2dataset's print-and-return-False
+    converted = url_guard.take_conversions()
+    if converted:
+        by_key = {key: converted[url] for key, url in zip(rows["row_key"], rows["url"]) if url in converted}
+        with open(os.path.join(out_folder, f"{share}{CONVERSIONS_SUFFIX}"), "w") as file:
+            json.dump(by_key, file)
+
+
+class NamedDecodeFailures:
+    """img2dataset's Resizer, where OpenCV cannot decode what passed the header check (img2dataset says only
+    "Image decoding error"): decode_rgb's reason instead (truncated_image, corrupt_image, ... as hub_load names
+    them), or, where Pillow decodes it after all, the resize of its lossless PNG (hub_load would keep it too)."""
+
+    def __init__(self, resizer, max_area: int):
+        self.resizer = resizer
+        self.max_area = max_area
+
+    def __call__(self, img_stream, blurring_bbox_list=None):
+        result = self.resizer(img_stream, blurring_bbox_list)
+        if result[-1] != "Image decoding error":
+            return result
+        from cnpipe import images
+        from components.download import faithful, url_guard
+
+        img_stream.seek(0)
+        try:
+            png = faithful.lossless_png(images.decode_rgb(img_stream.read(), 1, self.max_area))
+        except images.ImageRejected as err:
+            return None, None, None, None, None, str(url_guard.FetchFailed(err.reason, err.detail))
+        return self.resizer(io.BytesIO(png), blurring_bbox_list)
 
 
 # ---------------------------------------------------------------- in the stage's process

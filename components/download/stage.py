@@ -1,10 +1,16 @@
-"""Download: every URL row becomes an image (via img2dataset) or a rejection with img2dataset's reason.
+"""Download: every URL row becomes an image (via img2dataset) or a rejection with its reason.
 
 Rows that already carry an image (the seeds) pass through, so this stage's output is the whole
 image set that captioning and conditioning work on. Consecutive input shards share one
 batch (up to download.batch_rows rows) and each is then committed on its own, so a rerun skips them. A
 batch's URLs are split evenly over img2dataset's worker processes (img2dataset_pool), which start with the
 stage and download the next batch while the last one is committed.
+
+Images are what cnpipe.images decodes (faithful.py: EXIF orientation, 16-bit, CMYK, palette, alpha; conversions
+counted in notes) and a defect has hub_load's name for it. A failure that a later try may not have (connection
+error, timeout, DNS, 5xx) is final only in a shard where such failures are few: a shard with more than
+download.max_transient_fraction of them is left uncommitted, and the stage fails after committing the rest, so
+that a rerun fetches it again instead of losing its rows to a brief outage.
 """
 from __future__ import annotations
 
@@ -25,8 +31,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from cnpipe.dataset import Manifest, Reject, ShardResult
-from cnpipe.stage import run_pipelined
+from cnpipe import stage as stage_loop
+from cnpipe import storage
+from cnpipe.dataset import Manifest, Reject, ShardedOutput, ShardResult, StageOutput
+from cnpipe.progress import bar
 from components.download import url_guard
 from components.download.img2dataset_pool import Fetched, Img2datasetPool
 from components.download.url_guard import ENV_VAR, UnsafeUrl, UrlPolicy
@@ -48,11 +56,24 @@ IMAGE_SCHEMA = pa.schema(
 )
 
 
-# img2dataset's own failure messages: fixed texts (its resizer never sees the URL)
+# img2dataset's own failure messages: fixed texts (its resizer never sees the URL), named as hub_load names the same
+# defect (an area over the cap is a decompression_bomb there; the guard's header check finds those first anyway)
 IMG2DATASET_REASONS = {
-    "image too small": "too_small", "image area too large": "too_large", "aspect ratio too large": "bad_aspect_ratio",
+    "image too small": "too_small", "image area too large": "decompression_bomb", "aspect ratio too large": "bad_aspect_ratio",
     "Image decoding error": "not_an_image", "Use of image disallowed by X-Robots-Tag directive": "opted_out",
 }
+
+# Reasons a later try may not have: the network, the site or our own process (a killed embedded web, a pod's
+# network) was briefly down. Everything else (404, not an image, too small, refused address) is final.
+TRANSIENT_REASONS = {"connection_error", "timeout", "dns_failure", "http_408", "http_429", "download_missing"}
+# A shard with more of its URLs failed transiently than this fraction is not committed: the stage fails once the
+# other shards are committed, and a rerun (or the task's retry) fetches it again. Below it the shard is committed,
+# its transient failures rejected as final. (Will be download.max_transient_fraction.)
+TRANSIENT_MAX_FRACTION = 0.05
+
+
+def is_transient(reason: str) -> bool:
+    return reason in TRANSIENT_REASONS or re.fullmatch(r"http_5\d\d", reason) is not None
 
 
 def failure_reason(message: str | None) -> str:
@@ -213,6 +234,7 @@ def shard_result(table: pa.Table, wanted: list[tuple[str, str]], fetched: Fetche
             kept.append(index)
             image_from.append((True, at))
             sizes.append((fetched.width[at], fetched.height[at]))
+            notes.update(fetched.conversions.get(key, {}))
     own, downloaded = RowSlices(table.column("image") if any(has_image) else None), RowSlices(fetched.images)
     slices = [downloaded[i] if from_fetch else own[i] for from_fetch, i in image_from]
     images = pa.concat_arrays(slices) if slices else pa.array([], pa.binary())
@@ -238,9 +260,71 @@ def start_batch(fetcher, tables: list[pa.Table], cfg, policy: UrlPolicy) -> list
             for i, (table, (urls, rejects, notes), fetch) in enumerate(zip(tables, checked, fetches))]
 
 
+class HeldBack(Exception):
+    """A shard not to commit yet: too many of its URLs failed transiently (the message says how many, and why)."""
+
+
 def finish_shard(table: pa.Table, wanted: list[tuple[str, str]], fetch: Callable[[], Fetched], prefix: str,
                  rejects: list[Reject], notes: Counter, cfg) -> ShardResult:
-    return shard_result(table, wanted, fetch(), prefix, rejects, notes, cfg)
+    """The shard's result; HeldBack if more of its URLs failed transiently than download.max_transient_fraction."""
+    result = shard_result(table, wanted, fetch(), prefix, rejects, notes, cfg)
+    transient = Counter(r.reason for r in result.rejects if is_transient(r.reason))
+    if sum(transient.values()) > max_transient_fraction(cfg) * len(wanted):
+        raise HeldBack(f"{sum(transient.values())} of {len(wanted)} URLs: "
+                       + ", ".join(f"{reason} {count}" for reason, count in sorted(transient.items())))
+    return result
+
+
+def max_transient_fraction(cfg) -> float:
+    return getattr(cfg, "max_transient_fraction", TRANSIENT_MAX_FRACTION)
+
+
+class TransientFailures(RuntimeError):
+    """Shards held back because of transient failures, after every other shard was committed."""
+
+
+def run_shards(stage: str, inputs: list[Manifest], output_uri: str, config_hash: str, schema: pa.Schema,
+               start: Callable, batch_rows: int, worker: Callable, fraction: float) -> "Manifest | StageOutput":
+    """cnpipe.stage.run_pipelined, except that a shard whose result raises HeldBack is not committed: the others are,
+    then the stage fails naming the held-back shards, so that a rerun fetches only those again. (A hook for this in
+    run_pipelined would replace this copy of its loop.)"""
+    plan = stage_loop.shard_plan(inputs)
+    mine = stage_loop.my_part(plan)
+    output = ShardedOutput(output_uri, stage, config_hash, schema, stage_loop.written_shards(mine))
+    todo = [p for p in mine if not output.is_done(p[0])]
+    progress = bar(stage, total=sum(rows for *_, rows in todo))
+    progress.set_postfix_str(f"{len(mine) - len(todo)}/{len(mine)} shards already done", refresh=False)
+    held: list[str] = []
+
+    def commit(batch, tables, results) -> None:
+        for (out_name, *_, rows), (table, _), result in zip(batch, tables, results, strict=True):
+            try:
+                output.commit(out_name, result(), rows_in=table.num_rows)
+            except HeldBack as err:
+                held.append(f"{out_name} ({err})")
+            progress.update(rows)
+
+    in_flight = None
+    if todo:
+        with worker() as running:
+            for batch in stage_loop._batches(todo, batch_rows):
+                tables = [(storage.read_parquet(storage.join(m.uri, "data", f"{in_name}.parquet")), m)
+                          for _, m, in_name, _ in batch]
+                started = (batch, tables, start(running, tables))
+                if in_flight:
+                    commit(*in_flight)
+                in_flight = started
+    if in_flight:
+        commit(*in_flight)
+    progress.close()
+    if held:
+        raise TransientFailures(
+            f"{stage}: {len(held)} shard(s) not committed: more than {fraction * 100:g}% of their URLs failed with a "
+            f"transient error (was the network or were the sites down?): {'; '.join(held)}. Every other shard is committed. "
+            "Rerun with the same run id (or let the task retry) and only these shards are fetched again; if those "
+            "sites are gone for good, raise download.max_transient_fraction to keep their failures as rejections.")
+    return stage_loop.partial_output(output_uri, plan, mine) or output.finalize([p[0] for p in plan],
+                                                                               inputs=[m.uri for m in inputs])
 
 
 DISTRIBUTORS = ("multiprocessing", "pyspark", "ray")
@@ -261,6 +345,8 @@ def check_settings(config) -> None:
     for name in ("max_body_bytes", "max_image_area"):
         if getattr(cfg, name) < 1:
             raise ConfigError(f"download.{name} must be at least 1, got {getattr(cfg, name)}")
+    if not 0 <= max_transient_fraction(cfg) <= 1:
+        raise ConfigError(f"download.max_transient_fraction must be between 0 and 1, got {max_transient_fraction(cfg)}")
     for network in cfg.allowed_networks:
         try:
             ipaddress.ip_network(network, strict=False)
@@ -296,8 +382,8 @@ def run(config, inputs: dict[str, Manifest], output_uri: str) -> Manifest:
     os.environ[ENV_VAR] = policy.to_env()  # for the guard in img2dataset's worker processes
     url_guard.install(policy)
     fetcher = Img2datasetPool if cfg.distributor == "multiprocessing" else Img2datasetCalls
-    return run_pipelined(
+    return run_shards(
         STAGE, list(inputs.values()), output_uri, config.section_hash("download"), IMAGE_SCHEMA,
         lambda running, batch: start_batch(running, [table for table, _ in batch], cfg, policy), cfg.batch_rows,
-        worker=lambda: fetcher(cfg),
+        worker=lambda: fetcher(cfg), fraction=max_transient_fraction(cfg),
     )

@@ -10,8 +10,11 @@ the stage's process and in every download worker. It refuses what could reach in
 - Proxies: only `proxy` (download.proxy), never HTTP(S)_PROXY from the environment. Through a proxy, what each URL
   says is still checked here, but the proxy resolves the host names: refusing the internal addresses it resolves is
   the proxy's job. (A host that NO_PROXY exempts is fetched directly, and vetted as without a proxy.)
-- A body over `max_body_bytes` (by Content-Length, else as it is read), and an image whose header (read by Pillow,
-  nothing decoded) states more than `max_image_area` pixels or is no image Pillow knows, before img2dataset decodes it.
+- A body over `max_body_bytes` (by Content-Length, else as it is read: `file_too_large`, hub_load's name for a file
+  over its cap), and an image whose header (read by Pillow, nothing decoded) states more than `max_image_area` pixels
+  or is no image Pillow knows, before img2dataset decodes it. What img2dataset then gets is faithful.for_img2dataset's:
+  the body as sent, or a lossless PNG of cnpipe.images' decode where OpenCV would decode it otherwise (conversions
+  kept in `conversions` by URL, for the worker to report), with decode_rgb's reason for a body that is no usable image.
 
 Every failure is a FetchFailed whose message is a fixed reason token (`cnpipe-fetch: http_404`) computed from the
 exception's type or HTTP status, never the URL's text: the stage reads its rejection reasons from it.
@@ -21,7 +24,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import http.client
-import io
 import ipaddress
 import json
 import os
@@ -77,6 +79,11 @@ _REASONS = (
 )
 
 
+# getaddrinfo's answers that the name does not exist (NXDOMAIN, no address records); EAI_AGAIN and the rest say
+# that the lookup itself failed (dns_failure, which the stage retries)
+_NO_SUCH_HOST = {code for code in (getattr(socket, "EAI_NONAME", None), getattr(socket, "EAI_NODATA", None)) if code}
+
+
 def reason_of(err: BaseException) -> tuple[str, str]:
     """(reason, detail) of an exception raised while fetching, from its type and HTTP status alone."""
     if isinstance(err, FetchFailed):
@@ -87,6 +94,8 @@ def reason_of(err: BaseException) -> tuple[str, str]:
         return f"http_{err.code}", ""
     if isinstance(err, urllib.error.URLError):  # urllib's wrapper of the exception, or its own refusal in words
         return reason_of(err.reason) if isinstance(err.reason, BaseException) else ("download_error", "URLError")
+    if isinstance(err, socket.gaierror) and err.errno in _NO_SUCH_HOST:
+        return "unknown_host", type(err).__name__  # the name does not exist: final, unlike a lookup that failed
     for types, reason in _REASONS:
         if isinstance(err, types):
             return reason, type(err).__name__
@@ -238,7 +247,7 @@ class GuardedOpener(urllib.request.OpenerDirector):
             length = (response.headers.get("Content-Length") or "").strip()
             if length.isdigit() and int(length) > self.policy.max_body_bytes:
                 response.close()
-                raise FetchFailed("body_too_large", f"Content-Length {length} > {self.policy.max_body_bytes}")
+                raise FetchFailed("file_too_large", f"Content-Length {length} > {self.policy.max_body_bytes}")
         except Exception as err:
             if isinstance(err, urllib.error.HTTPError):
                 err.close()
@@ -246,16 +255,33 @@ class GuardedOpener(urllib.request.OpenerDirector):
             if isinstance(err, UnsafeUrl) and getattr(req, "redirected", False):
                 reason = "unsafe_redirect"
             raise FetchFailed(reason, detail) from err
-        return response if isinstance(response, CappedBody) else CappedBody(response, self.policy)
+        body = response if isinstance(response, CappedBody) else CappedBody(response, self.policy)
+        body.asked_url = req.full_url  # the outermost open (a redirect's hop opens inside it) names the URL asked for
+        return body
+
+
+# conversions faithful.for_img2dataset made in this process, by the URL img2dataset asked for: set by its download
+# threads, taken by the worker after each task (img2dataset's output has no column for them)
+conversions: dict[str, dict[str, int]] = {}
+
+
+def take_conversions() -> dict[str, dict[str, int]]:
+    """The conversions recorded since the last call, forgotten here."""
+    taken = dict(conversions)
+    for url in taken:
+        conversions.pop(url, None)
+    return taken
 
 
 class CappedBody:
     """A response whose body is read up to max_body_bytes; read whole (as img2dataset reads it), it must also be an
-    image whose header states at most max_image_area pixels, so that nothing larger is ever decoded."""
+    image whose header states at most max_image_area pixels, so that nothing larger is ever decoded, and what the
+    read returns is faithful.for_img2dataset's bytes."""
 
     def __init__(self, response, policy: UrlPolicy):
         self._response = response
         self._policy = policy
+        self.asked_url = ""  # what conversions are recorded under (not the response's own url: a redirect's target)
         self._seen = 0
 
     def __getattr__(self, name):
@@ -277,9 +303,23 @@ class CappedBody:
         self._seen += len(body)
         if self._seen > cap:
             self._response.close()
-            raise FetchFailed("body_too_large", f"over {cap} bytes")
+            raise FetchFailed("file_too_large", f"over {cap} bytes")
         if whole and not started:
-            check_image_header(body, self._policy.max_image_area)
+            body = self._faithful(body)
+        return body
+
+    def _faithful(self, body: bytes) -> bytes:
+        from cnpipe.images import ImageRejected
+        from components.download import faithful
+
+        try:
+            body, notes = faithful.for_img2dataset(body, self._policy.max_image_area)
+        except ImageRejected as err:
+            raise FetchFailed(err.reason, err.detail) from err
+        except Exception as err:  # what decode_rgb raises unnamed (metadata Pillow chokes on): no image to keep
+            raise FetchFailed("corrupt_image", type(err).__name__) from err
+        if notes:
+            conversions[self.asked_url] = dict(notes)
         return body
 
     def _read_up_to(self, size: int) -> bytes:
@@ -288,23 +328,6 @@ class CappedBody:
             chunks.append(chunk)
             size -= len(chunk)
         return b"".join(chunks)
-
-
-def check_image_header(body: bytes, max_area: int) -> None:
-    """FetchFailed unless Pillow reads an image header (it decodes nothing) of at most max_area pixels."""
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(io.BytesIO(body)) as image:
-            width, height = image.size
-    except Image.DecompressionBombError as err:
-        raise FetchFailed("decompression_bomb", "over Pillow's own limit") from err
-    except UnidentifiedImageError as err:  # nor would anything check what OpenCV might decode from it
-        raise FetchFailed("not_an_image", f"no image header Pillow knows in {len(body)} bytes") from err
-    except Exception as err:
-        raise FetchFailed("corrupt_image", type(err).__name__) from err
-    if width * height > max_area:
-        raise FetchFailed("decompression_bomb", f"{width}x{height} pixels > {max_area}")
 
 
 # ---------------------------------------------------------------- installing it

@@ -1,6 +1,7 @@
 """A loopback web for the download family's tests: good and broken images, a 404, an HTML page, an image
 whose X-Robots-Tag opts out of AI use, `/redirect?to=URL` (302) and `/photo/<anything>.jpg` (distinct URLs
-of one good image, each answered after `photo_delay_s`), with a log of every request it received. It also
+of one good image, each answered after `photo_delay_s`), paths made to fail (`failing`: an outage), with a log
+of every request it received. It also
 answers as an HTTP proxy would (a request line that holds the whole URL), and over TLS when given a context."""
 from __future__ import annotations
 
@@ -34,6 +35,7 @@ class LoopbackWeb:
         self.requests: list[str] = []  # each request's target: a path, or the whole URL when asked as a proxy
         self.hosts: list[str] = []  # each request's Host header
         self.photo_delay_s = 0.0
+        self.failing: dict[str, str] = {}  # path -> "drop" (connection closed, no answer) or an HTTP status to answer
         web = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -47,6 +49,13 @@ class LoopbackWeb:
                 if path.startswith("http://"):  # asked as a proxy
                     parts = urllib.parse.urlsplit(path)
                     path = parts.path + (f"?{parts.query}" if parts.query else "")
+                failure = web.failing.get(path)
+                if failure == "drop":
+                    self.close_connection = True
+                    return
+                if failure:
+                    self.send_error(int(failure))
+                    return
                 if path.startswith("/redirect?"):
                     target = urllib.parse.parse_qs(urllib.parse.urlsplit(path).query)["to"][0]
                     self.send_response(302)

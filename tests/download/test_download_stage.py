@@ -52,6 +52,7 @@ def closed_port() -> int:
 
 
 def config(**download_settings) -> pipeline_configs.PipelineConfig:
+    """The embedded config with download settings set (max_transient_fraction too, before it is a config field)."""
     cfg = pipeline_configs.embedded("/unused")
     cfg.download.processes_count = 1
     cfg.download.thread_count = 4
@@ -94,7 +95,8 @@ def test_download_matrix(tmp_path, web, web_elsewhere, isolated_guard, processes
     # one batch (img2dataset's workers are spawned processes), its URLs split over `processes` img2dataset shards
     inputs = {"retrieved": retrieved(tmp_path, urls), "seeds": seeds(tmp_path, image)}
     sigint = signal.getsignal(signal.SIGINT)
-    manifest = download.run(config(allowed_networks=["127.0.0.1/32"], processes_count=processes), inputs, str(tmp_path / "out"))
+    cfg = config(allowed_networks=["127.0.0.1/32"], processes_count=processes, max_transient_fraction=1.0)  # "dead" kept
+    manifest = download.run(cfg, inputs, str(tmp_path / "out"))
     assert signal.getsignal(signal.SIGINT) is sigint  # no handler of img2dataset's (exit status 0 on Ctrl-C) is left
 
     assert manifest.rows_in == len(urls) + 1 == manifest.rows_out + manifest.rows_rejected
@@ -159,7 +161,9 @@ def test_without_allowed_networks_loopback_urls_are_refused_before_download(tmp_
         ("cnpipe-fetch: decompression_bomb (12000x12000 pixels > 89478485)", "decompression_bomb"),
         ("image too small", "too_small"),
         ("aspect ratio too large", "bad_aspect_ratio"),
-        ("image area too large", "too_large"),
+        ("image area too large", "decompression_bomb"),  # hub_load's name for an area over the cap
+        ("cnpipe-fetch: truncated_image (image file is truncated)", "truncated_image"),
+        ("cnpipe-fetch: empty_image (zero bytes)", "empty_image"),
         ("Image decoding error", "not_an_image"),
         ("Use of image disallowed by X-Robots-Tag directive", "opted_out"),
         ("HTTP Error 503: Service Unavailable", "http_503"),  # urllib's, from executors without the guard

@@ -281,15 +281,44 @@ def test_body_cap_and_image_header_check(web, restore_opener):
     with pytest.raises(urllib.error.URLError, match="^cnpipe-fetch: decompression_bomb"):
         urllib.request.urlopen(web.url("/huge.png"), timeout=5).read()  # 600 million pixels: over Pillow's own limit too
     url_guard.install(UrlPolicy(allowed_networks=["127.0.0.1/32"], max_body_bytes=size - 1))
-    with pytest.raises(urllib.error.URLError, match=r"^cnpipe-fetch: body_too_large \(Content-Length"):
+    with pytest.raises(urllib.error.URLError, match=r"^cnpipe-fetch: file_too_large \(Content-Length"):
         urllib.request.urlopen(web.url("/good.jpg"), timeout=5)
-    with pytest.raises(urllib.error.URLError, match=r"^cnpipe-fetch: body_too_large \(over"):
+    with pytest.raises(urllib.error.URLError, match=r"^cnpipe-fetch: file_too_large \(over"):
         urllib.request.urlopen(web.url("/stream.jpg"), timeout=5).read()
     url_guard.install(UrlPolicy(allowed_networks=["127.0.0.1/32"], max_image_area=120 * 90 - 1))
-    with pytest.raises(urllib.error.URLError, match=r"^cnpipe-fetch: decompression_bomb \(120x90 pixels > 10799\)$"):
+    with pytest.raises(urllib.error.URLError, match=r"^cnpipe-fetch: decompression_bomb \(.*10799 pixels"):
         urllib.request.urlopen(web.url("/good.jpg"), timeout=5).read()
     with pytest.raises(urllib.error.URLError, match="^cnpipe-fetch: not_an_image"):
         urllib.request.urlopen(web.url("/page.jpg"), timeout=5).read()
+    web.files["/empty.jpg"] = ("image/jpeg", b"")
+    with pytest.raises(urllib.error.URLError, match="^cnpipe-fetch: empty_image"):
+        urllib.request.urlopen(web.url("/empty.jpg"), timeout=5).read()
+
+
+def test_what_img2dataset_reads_is_the_body_as_sent_or_the_decoding_policys_image(web, restore_opener):
+    """A plain JPEG is read as it came; a 16-bit PNG (which OpenCV would saturate) as a PNG of decode_rgb's 8-bit RGB,
+    and the conversion is recorded under the URL asked for, for the worker to report."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from cnpipe.images import decode_rgb
+
+    buffer = io.BytesIO()
+    Image.fromarray(np.tile(np.linspace(0, 65535, 64).astype(np.uint16), (32, 1))).save(buffer, format="PNG")
+    web.files["/sixteen.png"] = ("image/png", buffer.getvalue())
+    url_guard.install(UrlPolicy(allowed_networks=["127.0.0.1/32"]))
+    url_guard.take_conversions()
+    assert urllib.request.urlopen(web.url("/good.jpg"), timeout=5).read() == web.files["/good.jpg"][1]
+    assert url_guard.take_conversions() == {}
+    read = urllib.request.urlopen(web.url("/sixteen.png"), timeout=5).read()
+    assert Image.open(io.BytesIO(read)).format == "PNG" and Image.open(io.BytesIO(read)).mode == "RGB"
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(read))), np.asarray(decode_rgb(buffer.getvalue())))
+    assert url_guard.take_conversions() == {web.url("/sixteen.png"): {"converted_16bit": 1}}
+    redirect = web.redirect(web.url("/sixteen.png"))
+    assert urllib.request.urlopen(redirect, timeout=5).read() == read
+    assert url_guard.take_conversions() == {redirect: {"converted_16bit": 1}}  # under the URL img2dataset asked for
 
 
 def _png_of(width: int, height: int) -> bytes:
