@@ -117,6 +117,10 @@ class DownloadConfig:
     # an http(s) proxy for every download; proxies in the environment (HTTP_PROXY, ...) are never used. With a proxy,
     # the private-address check of resolved addresses is the proxy's job (what the URL says is still checked here)
     proxy: str = ""
+    # a shard where more than this fraction of its URLs failed transiently (connection error, timeout, DNS lookup,
+    # 408/429/5xx) is not committed: the stage fails after committing the rest, and a rerun fetches it again. Web URL
+    # lists always have some dead hosts and slow sites; raise it if they keep a shard back on every rerun
+    max_transient_fraction: float = throughput(0.2)
     distributor: str = throughput("multiprocessing")  # img2dataset's: multiprocessing (one pod) | pyspark | ray (a cluster you run)
     user_agent_token: str = "controlnet-pipeline"
     disallowed_header_directives: list[str] = field(default_factory=lambda: ["noai", "noimageai", "noindex", "noimageindex"])
@@ -195,6 +199,8 @@ class TrainConfig:
     ema_decay: float = 0.9999  # 0 disables EMA
     compute_dtype: str = "auto"  # auto (bf16 on accelerators, fp32 on CPU) | bfloat16 | float32
     gradient_checkpointing: bool = False
+    # fp32 weights, AdamW moments and EMA: auto (sharded over the devices where more than one, ZeRO-style) | sharded | replicated
+    shard_state: str = throughput("auto")
     checkpoint_every: int = 500
     keep_checkpoints: int = 3
     log_every: int = 10
@@ -435,6 +441,7 @@ def embedded(assets: str = EMBEDDED_ASSETS) -> PipelineConfig:
             thread_count=8,
             processes_count=1,
             allowed_networks=["127.0.0.0/8"],
+            max_transient_fraction=0.05,  # the loopback web never fails but when it is down: then nothing is final
         ),
         caption=CaptionConfig(model=f"{assets}/models/tiny-blip", batch_size=8, max_new_tokens=12, device="cpu"),
         conditioning=ConditioningConfig(types=["canny", "pose"], pose_model_complexity=1),

@@ -20,6 +20,15 @@ from cnpipe.progress import bar
 _part: tuple[int, int] | None = None
 
 
+class ShardNotFinal(Exception):
+    """Raised by a shard's result when it must not be committed yet (download: too many of its URLs failed
+    transiently); the message says why. The other shards are committed, then the stage fails naming it."""
+
+
+class ShardsNotFinal(RuntimeError):
+    """Shards left uncommitted (ShardNotFinal), after every other shard was committed: a rerun redoes only them."""
+
+
 def set_part(index: int, count: int) -> None:
     global _part
     if count < 1 or not 0 <= index < count:
@@ -126,11 +135,16 @@ def run_pipelined(
     progress = bar(stage, total=sum(rows for *_, rows in todo))
     progress.set_postfix_str(f"{len(mine) - len(todo)}/{len(mine)} shards already done", refresh=False)
 
+    not_final: list[str] = []
+
     def commit(batch, tables, results) -> None:
         if len(results) != len(batch):
             raise RuntimeError(f"{stage}: {len(results)} results for a batch of {len(batch)} shards")
         for (out_name, *_, rows), (table, _), result in zip(batch, tables, results):
-            output.commit(out_name, result(), rows_in=table.num_rows)
+            try:
+                output.commit(out_name, result(), rows_in=table.num_rows)
+            except ShardNotFinal as err:
+                not_final.append(f"{out_name} ({err})")
             progress.update(rows)
 
     in_flight = None
@@ -146,6 +160,9 @@ def run_pipelined(
     if in_flight:
         commit(*in_flight)
     progress.close()
+    if not_final:
+        raise ShardsNotFinal(f"{stage}: {len(not_final)} shard(s) not committed: {'; '.join(not_final)}. Every other "
+                             "shard is committed; rerun with the same run id (or let the task retry) to redo only these.")
     return partial_output(output_uri, plan, mine) or output.finalize([p[0] for p in plan], inputs=[m.uri for m in inputs])
 
 

@@ -31,10 +31,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from cnpipe import stage as stage_loop
-from cnpipe import storage
-from cnpipe.dataset import Manifest, Reject, ShardedOutput, ShardResult, StageOutput
-from cnpipe.progress import bar
+from cnpipe.dataset import Manifest, Reject, ShardResult
+from cnpipe.stage import ShardNotFinal, run_pipelined
 from components.download import url_guard
 from components.download.img2dataset_pool import Fetched, Img2datasetPool
 from components.download.url_guard import ENV_VAR, UnsafeUrl, UrlPolicy
@@ -66,10 +64,9 @@ IMG2DATASET_REASONS = {
 # Reasons a later try may not have: the network, the site or our own process (a killed embedded web, a pod's
 # network) was briefly down. Everything else (404, not an image, too small, refused address) is final.
 TRANSIENT_REASONS = {"connection_error", "timeout", "dns_failure", "http_408", "http_429", "download_missing"}
-# A shard with more of its URLs failed transiently than this fraction is not committed: the stage fails once the
-# other shards are committed, and a rerun (or the task's retry) fetches it again. Below it the shard is committed,
-# its transient failures rejected as final. (Will be download.max_transient_fraction.)
-TRANSIENT_MAX_FRACTION = 0.05
+# A shard with more of its URLs failed transiently than download.max_transient_fraction is not committed
+# (cnpipe.stage.ShardNotFinal): the stage fails once the other shards are committed, and a rerun (or the task's
+# retry) fetches it again. Below it the shard is committed, its transient failures rejected as final.
 
 
 def is_transient(reason: str) -> bool:
@@ -260,71 +257,18 @@ def start_batch(fetcher, tables: list[pa.Table], cfg, policy: UrlPolicy) -> list
             for i, (table, (urls, rejects, notes), fetch) in enumerate(zip(tables, checked, fetches))]
 
 
-class HeldBack(Exception):
-    """A shard not to commit yet: too many of its URLs failed transiently (the message says how many, and why)."""
-
-
 def finish_shard(table: pa.Table, wanted: list[tuple[str, str]], fetch: Callable[[], Fetched], prefix: str,
                  rejects: list[Reject], notes: Counter, cfg) -> ShardResult:
-    """The shard's result; HeldBack if more of its URLs failed transiently than download.max_transient_fraction."""
+    """The shard's result; ShardNotFinal if more of its URLs failed transiently than download.max_transient_fraction
+    (a rerun fetches them again, instead of a brief outage becoming permanent rejections)."""
     result = shard_result(table, wanted, fetch(), prefix, rejects, notes, cfg)
     transient = Counter(r.reason for r in result.rejects if is_transient(r.reason))
-    if sum(transient.values()) > max_transient_fraction(cfg) * len(wanted):
-        raise HeldBack(f"{sum(transient.values())} of {len(wanted)} URLs: "
-                       + ", ".join(f"{reason} {count}" for reason, count in sorted(transient.items())))
+    if sum(transient.values()) > cfg.max_transient_fraction * len(wanted):
+        raise ShardNotFinal(f"{sum(transient.values())} of {len(wanted)} URLs failed transiently, more than "
+                            f"download.max_transient_fraction {cfg.max_transient_fraction:g}: "
+                            + ", ".join(f"{reason} {count}" for reason, count in sorted(transient.items()))
+                            + "; was the network or were the sites down? If they are gone for good, raise the fraction")
     return result
-
-
-def max_transient_fraction(cfg) -> float:
-    return getattr(cfg, "max_transient_fraction", TRANSIENT_MAX_FRACTION)
-
-
-class TransientFailures(RuntimeError):
-    """Shards held back because of transient failures, after every other shard was committed."""
-
-
-def run_shards(stage: str, inputs: list[Manifest], output_uri: str, config_hash: str, schema: pa.Schema,
-               start: Callable, batch_rows: int, worker: Callable, fraction: float) -> "Manifest | StageOutput":
-    """cnpipe.stage.run_pipelined, except that a shard whose result raises HeldBack is not committed: the others are,
-    then the stage fails naming the held-back shards, so that a rerun fetches only those again. (A hook for this in
-    run_pipelined would replace this copy of its loop.)"""
-    plan = stage_loop.shard_plan(inputs)
-    mine = stage_loop.my_part(plan)
-    output = ShardedOutput(output_uri, stage, config_hash, schema, stage_loop.written_shards(mine))
-    todo = [p for p in mine if not output.is_done(p[0])]
-    progress = bar(stage, total=sum(rows for *_, rows in todo))
-    progress.set_postfix_str(f"{len(mine) - len(todo)}/{len(mine)} shards already done", refresh=False)
-    held: list[str] = []
-
-    def commit(batch, tables, results) -> None:
-        for (out_name, *_, rows), (table, _), result in zip(batch, tables, results, strict=True):
-            try:
-                output.commit(out_name, result(), rows_in=table.num_rows)
-            except HeldBack as err:
-                held.append(f"{out_name} ({err})")
-            progress.update(rows)
-
-    in_flight = None
-    if todo:
-        with worker() as running:
-            for batch in stage_loop._batches(todo, batch_rows):
-                tables = [(storage.read_parquet(storage.join(m.uri, "data", f"{in_name}.parquet")), m)
-                          for _, m, in_name, _ in batch]
-                started = (batch, tables, start(running, tables))
-                if in_flight:
-                    commit(*in_flight)
-                in_flight = started
-    if in_flight:
-        commit(*in_flight)
-    progress.close()
-    if held:
-        raise TransientFailures(
-            f"{stage}: {len(held)} shard(s) not committed: more than {fraction * 100:g}% of their URLs failed with a "
-            f"transient error (was the network or were the sites down?): {'; '.join(held)}. Every other shard is committed. "
-            "Rerun with the same run id (or let the task retry) and only these shards are fetched again; if those "
-            "sites are gone for good, raise download.max_transient_fraction to keep their failures as rejections.")
-    return stage_loop.partial_output(output_uri, plan, mine) or output.finalize([p[0] for p in plan],
-                                                                               inputs=[m.uri for m in inputs])
 
 
 DISTRIBUTORS = ("multiprocessing", "pyspark", "ray")
@@ -345,8 +289,8 @@ def check_settings(config) -> None:
     for name in ("max_body_bytes", "max_image_area"):
         if getattr(cfg, name) < 1:
             raise ConfigError(f"download.{name} must be at least 1, got {getattr(cfg, name)}")
-    if not 0 <= max_transient_fraction(cfg) <= 1:
-        raise ConfigError(f"download.max_transient_fraction must be between 0 and 1, got {max_transient_fraction(cfg)}")
+    if not 0 <= cfg.max_transient_fraction <= 1:
+        raise ConfigError(f"download.max_transient_fraction must be between 0 and 1, got {cfg.max_transient_fraction}")
     for network in cfg.allowed_networks:
         try:
             ipaddress.ip_network(network, strict=False)
@@ -382,8 +326,8 @@ def run(config, inputs: dict[str, Manifest], output_uri: str) -> Manifest:
     os.environ[ENV_VAR] = policy.to_env()  # for the guard in img2dataset's worker processes
     url_guard.install(policy)
     fetcher = Img2datasetPool if cfg.distributor == "multiprocessing" else Img2datasetCalls
-    return run_shards(
+    return run_pipelined(
         STAGE, list(inputs.values()), output_uri, config.section_hash("download"), IMAGE_SCHEMA,
         lambda running, batch: start_batch(running, [table for table, _ in batch], cfg, policy), cfg.batch_rows,
-        worker=lambda: fetcher(cfg), fraction=max_transient_fraction(cfg),
+        worker=lambda: fetcher(cfg),
     )

@@ -52,7 +52,7 @@ def closed_port() -> int:
 
 
 def config(**download_settings) -> pipeline_configs.PipelineConfig:
-    """The embedded config with download settings set (max_transient_fraction too, before it is a config field)."""
+    """The embedded config with download settings set."""
     cfg = pipeline_configs.embedded("/unused")
     cfg.download.processes_count = 1
     cfg.download.thread_count = 4

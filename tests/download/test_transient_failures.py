@@ -14,6 +14,7 @@ import pytest
 
 import pipeline_configs
 from cnpipe.dataset import Manifest, ShardedOutput, ShardResult
+from cnpipe.stage import ShardsNotFinal
 from components.download import stage as download
 from components.download import url_guard
 from components.laion_retrieval.stage import RETRIEVED_SCHEMA
@@ -49,11 +50,11 @@ def test_an_outage_holds_its_shard_back_and_the_rerun_fetches_it_again(tmp_path,
     out = tmp_path / "out"
     web.failing = {"/photo/u1-0.jpg": "503", "/photo/u1-1.jpg": "drop"}  # the middle shard: 2 of its 4 URLs
 
-    with pytest.raises(download.TransientFailures) as failed:
+    with pytest.raises(ShardsNotFinal) as failed:
         download.run(cfg, {"retrieved": source}, str(out))
     message = str(failed.value)
-    assert "part-00001 (2 of 4 URLs: connection_error 1, http_503 1)" in message
-    assert "part-00000" not in message and "part-00002" not in message and "Rerun" in message
+    assert "part-00001 (2 of 4 URLs failed transiently" in message and "connection_error 1, http_503 1" in message
+    assert "part-00000" not in message and "part-00002" not in message and "rerun" in message
     first = committed(out)
     assert sorted(first) == ["part-00000.json", "part-00002.json"]  # the shards after it were committed too
     assert not (out / "manifest.json").exists()
