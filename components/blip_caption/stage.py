@@ -2,6 +2,7 @@
 in `source_caption`, so training can choose either (encode.caption_source)."""
 from __future__ import annotations
 
+import functools
 import pyarrow as pa
 
 from cnpipe.dataset import Manifest, ShardResult
@@ -67,9 +68,10 @@ def caption_shard(table: pa.Table, captioner, batch_size: int) -> ShardResult:
 def run(config, inputs: dict[str, Manifest], output_uri: str) -> Manifest:
     cfg = config.caption
     (source,) = inputs.values()
-    captioner = BlipCaptioner(cfg.model, cfg.device, cfg.max_new_tokens, cfg.num_beams, cfg.prompt)
+    # loaded only if a shard is left to do: a rerun that finds every shard done costs its manifest check
+    captioner = functools.cache(lambda: BlipCaptioner(cfg.model, cfg.device, cfg.max_new_tokens, cfg.num_beams, cfg.prompt))
     schema = source.arrow_schema().append(pa.field("blip_caption", pa.string()))
     return run_per_shard(
         STAGE, [source], output_uri, config.section_hash("caption"), schema,
-        lambda table, _: caption_shard(table, captioner, cfg.batch_size),
+        lambda table, _: caption_shard(table, captioner(), cfg.batch_size),
     )

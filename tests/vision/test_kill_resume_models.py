@@ -81,16 +81,18 @@ def test_sigkilled_stage_resumes_to_the_uninterrupted_result(setup, stage, tmp_p
         assert got.column(column).to_pylist() == want.column(column).to_pylist()
 
 
-def test_a_rerun_that_finds_every_shard_done_loads_no_model(setup, tmp_path, monkeypatch):
-    """A finished stage on rerun costs its manifest check, not a model load (seconds on a real CLIP)."""
-    from components.clip_embed import stage as clip_stage
+@pytest.mark.parametrize("stage, model_class", [("clip_embed", "ClipImageEmbedder"), ("blip_caption", "BlipCaptioner")])
+def test_a_rerun_that_finds_every_shard_done_loads_no_model(setup, stage, model_class, tmp_path, monkeypatch):
+    """A finished stage on rerun costs its manifest check, not a model load (seconds on a real CLIP or BLIP)."""
+    import importlib
 
+    module = importlib.import_module(f"components.{stage}.stage")
     cfg, seeds = setup
-    first = clip_stage.run(cfg, {"seeds": Manifest.load(seeds)}, str(tmp_path / "out"))
+    first = module.run(cfg, {"seeds": Manifest.load(seeds)}, str(tmp_path / "out"))
 
     def no_model(*args, **kwargs):
         raise AssertionError("the model was loaded although every shard was done")
 
-    monkeypatch.setattr(clip_stage, "ClipImageEmbedder", no_model)
-    again = clip_stage.run(cfg, {"seeds": Manifest.load(seeds)}, str(tmp_path / "out"))
+    monkeypatch.setattr(module, model_class, no_model)
+    again = module.run(cfg, {"seeds": Manifest.load(seeds)}, str(tmp_path / "out"))
     assert (again.shards, again.rows_out) == (first.shards, first.rows_out)
