@@ -48,6 +48,8 @@ def load(model_cls, processor_cls, model_id: str, device: str):
     import torch
 
     model = load_pretrained(model_cls, model_id)
-    processor = processor_cls.from_pretrained(model_id)
+    # the slow (PIL/numpy) image processors, said explicitly: the fast ones need torchvision, which this CPU torch
+    # cannot load, and transformers warns on every load while the choice is left to it
+    processor = processor_cls.from_pretrained(model_id, use_fast=False)
     dtype = torch.float16 if device == "cuda" else torch.float32
     return model.to(device=device, dtype=dtype).eval(), processor

@@ -1,7 +1,6 @@
-"""Silences diffusers' "Flax classes are deprecated" warning, logged on every Flax module setup.
-
-diffusers 0.39 is pinned on purpose (the last release with Flax models), so the warning says nothing
-new and would flood the training log. Only that message is dropped; every other warning stays.
+"""Silences two warnings a user can do nothing about: diffusers' "Flax classes are deprecated", logged on every
+Flax module setup (diffusers 0.39 is pinned on purpose, the last release with Flax models), and orbax's notice that
+it re-registers its own array handler. Only those messages are dropped; every other warning stays.
 """
 from __future__ import annotations
 
@@ -15,9 +14,20 @@ class _DropFlaxDeprecation(logging.Filter):
         return _MESSAGE not in str(record.msg)
 
 
-def _add(target) -> None:
-    if not any(isinstance(f, _DropFlaxDeprecation) for f in target.filters):
-        target.addFilter(_DropFlaxDeprecation())
+class _DropOrbaxReregistration(logging.Filter):
+    """orbax logs through absl, at import, that it registers its own jax.Array handler over its own: nothing to act on."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Type handler registry type" not in str(record.msg)
+
+
+def silence_orbax_reregistration() -> None:
+    _add_filter(logging.getLogger("absl"), _DropOrbaxReregistration)
+
+
+def _add_filter(target, cls) -> None:
+    if not any(isinstance(f, cls) for f in target.filters):
+        target.addFilter(cls())
 
 
 def silence_flax_deprecation() -> None:
@@ -26,8 +36,8 @@ def silence_flax_deprecation() -> None:
     from diffusers.utils import logging as diffusers_logging
 
     for handler in diffusers_logging._get_library_root_logger().handlers:
-        _add(handler)
+        _add_filter(handler, _DropFlaxDeprecation)
     from diffusers import FlaxAutoencoderKL, FlaxControlNetModel, FlaxDDIMScheduler, FlaxDDPMScheduler, FlaxUNet2DConditionModel  # noqa: F401
     for name, logger in list(logging.root.manager.loggerDict.items()):
         if name.startswith("diffusers") and isinstance(logger, logging.Logger):
-            _add(logger)
+            _add_filter(logger, _DropFlaxDeprecation)

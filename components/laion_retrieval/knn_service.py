@@ -27,7 +27,8 @@ class ClipTextEmbedder:
 
     def __call__(self, text: str):
         with self.torch.inference_mode():
-            tokens = self.tokenizer([text], padding=True, truncation=True, return_tensors="pt")
+            tokens = self.tokenizer([text], padding=True, truncation=True, return_tensors="pt",
+                                    max_length=self.model.config.text_config.max_position_embeddings)
             return self.model.get_text_features(**tokens)[0].numpy()
 
 
