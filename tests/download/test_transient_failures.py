@@ -108,3 +108,22 @@ def test_the_fraction_is_checked_before_any_download(tmp_path, fraction):
     with pytest.raises(pipeline_configs.ConfigError, match="download.max_transient_fraction"):
         download.run(cfg, {}, str(tmp_path / "out"))
     assert not (tmp_path / "out").exists()
+
+
+def test_a_resume_after_lowering_threads_and_batch_rows_goes_on_and_redoes_nothing(tmp_path, web, isolated_guard):
+    """Throughput knobs are not part of the config hash: a stage stopped midway (here: its last commit and manifest
+    removed, as a kill leaves it) resumes with fewer threads and smaller batches instead of being refused."""
+    source = url_shards(tmp_path, web)
+    out = tmp_path / "out"
+    download.run(config(allowed_networks=["127.0.0.1/32"], thread_count=4, batch_rows=100), {"retrieved": source}, str(out))
+    finished = committed(out)
+    (out / "_commits" / "part-00002.json").unlink()
+    (out / "manifest.json").unlink()
+    web.requests.clear()
+
+    slower = config(allowed_networks=["127.0.0.1/32"], thread_count=1, batch_rows=0, timeout_s=9, retries=2)
+    manifest = download.run(slower, {"retrieved": source}, str(out))
+    assert sorted(web.requests) == sorted(f"/photo/u2-{row}.jpg" for row in range(ROWS))  # only the unfinished shard
+    assert {k: v for k, v in committed(out).items() if k != "part-00002.json"} == {
+        k: v for k, v in finished.items() if k != "part-00002.json"}
+    assert manifest.rows_in == SHARDS * ROWS
