@@ -156,7 +156,7 @@ def cmd_submit(args) -> int:
     try:
         host = submit.resolve_host(args.host, config.kubeflow_host)
         run_id = args.run_id or datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-        remote_id = submit.submit(
+        remote_id, client = submit.submit(
             build(config), config, host, args.experiment, args.namespace, args.run_name or f"{config.name}-{run_id}",
             run_id, None if args.caching == "default" else args.caching == "on",
         )
@@ -164,7 +164,19 @@ def cmd_submit(args) -> int:
         print(f"submit: {err}", file=sys.stderr)
         return 1
     print(f"submitted run {remote_id} (run id {run_id}, preset {config.name}) to {host}")
-    return 0
+    print(f"run: {submit.run_url(host, remote_id)}", flush=True)
+    if not args.wait:
+        return 0
+    try:
+        state = submit.follow(client, host, remote_id, poll_s=args.poll_interval)
+    except submit.SubmitError as err:
+        print(f"submit: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"\nstopped following run {remote_id}; it goes on in Kubeflow: {submit.run_url(host, remote_id)}",
+              file=sys.stderr)
+        return 130
+    return 0 if state == submit.SUCCEEDED else 1
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -190,6 +202,9 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_argument("--run-name")
     sub.add_argument("--run-id", help="names the run's folder under storage.root (default: a timestamp)")
     sub.add_argument("--caching", choices=["default", "on", "off"], default="default", help="task caching for this run")
+    sub.add_argument("--wait", action="store_true",
+                     help="follow the run: each task's state as it changes, then the run's; exit 1 unless it succeeds")
+    sub.add_argument("--poll-interval", type=float, default=15.0, metavar="S", help="seconds between reads with --wait")
     sub.set_defaults(func=cmd_submit)
     args = parser.parse_args(argv if argv is not None else (sys.argv[1:] or ["run"]))
     try:

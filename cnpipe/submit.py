@@ -5,14 +5,24 @@ compiled YAML or the run's parameters:
   KF_PIPELINES_TOKEN                 a bearer token (e.g. `gcloud auth print-identity-token`, a SA token)
   KF_PIPELINES_COOKIE                a session cookie string (e.g. Dex/oauth2-proxy `authservice_session=...`)
   KF_PIPELINES_IAP_OAUTH2_CLIENT_ID  IAP-protected hosts (kfp.Client reads it itself, with google-auth)
+
+The run's page in the Kubeflow UI is <ui>/#/runs/details/<run id>, <ui> being $KF_PIPELINES_UI_ENDPOINT or the host (as
+kfp.Client links it). `follow` polls the run and prints each task's state as it changes, then the run's final state.
 """
 from __future__ import annotations
 
+import datetime
 import os
+import sys
 import tempfile
+import time
 import warnings
 
 ENDPOINT_ENV = "KF_PIPELINES_ENDPOINT"
+UI_ENDPOINT_ENV = "KF_PIPELINES_UI_ENDPOINT"
+SUCCEEDED = "SUCCEEDED"
+FINAL_STATES = {"SUCCEEDED", "FAILED", "CANCELED", "SKIPPED"}
+POLL_RETRIES = 10  # consecutive failed reads of the run (network, 5xx) before giving up following it
 
 
 class SubmitError(RuntimeError):
@@ -75,8 +85,8 @@ def client(host: str, namespace: str | None):
 
 
 def submit(pipeline_func, config, host: str, experiment: str, namespace: str | None, run_name: str,
-           run_id: str, enable_caching: bool | None) -> str:
-    """Compile, then create the run; returns the run id the host assigned."""
+           run_id: str, enable_caching: bool | None):
+    """Compile, then create the run; returns the run id the host assigned and the client (to follow the run)."""
     from kfp import compiler
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -91,4 +101,93 @@ def submit(pipeline_func, config, host: str, experiment: str, namespace: str | N
             )
         except Exception as err:  # noqa: BLE001
             raise _explain(err, host) from None
-    return result.run_id
+    return result.run_id, kfp_client
+
+
+def run_url(host: str, run_id: str) -> str:
+    """The run's page in the Kubeflow Pipelines UI (the link kfp.Client prints)."""
+    ui = (os.environ.get(UI_ENDPOINT_ENV) or host).rstrip("/")
+    return f"{ui}/#/runs/details/{run_id}"
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    hours, rest = divmod(seconds, 3600)
+    return (f"{hours} h " if hours else "") + f"{rest // 60} min {rest % 60} s"
+
+
+def _task_labels(tasks: list) -> dict:
+    """task id -> a name a person recognises: the display name under its loop and iteration when it has parents
+    ("for-loop-2 / iteration-1 / clip embed"), numbered where names still repeat."""
+    by_id = {t.task_id: t for t in tasks if t.task_id}
+    labels = {}
+    for task in tasks:
+        names, parent, hops = [task.display_name or task.task_id or "?"], by_id.get(task.parent_task_id), 0
+        while parent is not None and parent.parent_task_id in by_id and hops < 16:  # the top-most (root DAG) left out
+            names.insert(0, parent.display_name or parent.task_id)
+            parent, hops = by_id.get(parent.parent_task_id), hops + 1
+        labels[task.task_id] = " / ".join(names)
+    totals: dict = {}
+    for label in labels.values():
+        totals[label] = totals.get(label, 0) + 1
+    numbered: dict = {}
+    for task in sorted(tasks, key=lambda t: (str(t.create_time or ""), t.task_id or "")):
+        label = labels[task.task_id]
+        if totals[label] > 1:
+            numbered[label] = numbered.get(label, 0) + 1
+            labels[task.task_id] = f"{label} #{numbered[label]}"
+    return labels
+
+
+def _error_text(error) -> str:
+    message = getattr(error, "message", None) if error is not None else None
+    return str(message).strip().splitlines()[0][:300] if message else ""
+
+
+def follow(kfp_client, host: str, run_id: str, poll_s: float = 15.0, out=None, sleep=time.sleep) -> str:
+    """Print each task's state as it changes and the run's own, until the run ends; return its final state.
+
+    A failed read (network, HTTP 5xx) is retried POLL_RETRIES times in a row before giving up; refused credentials
+    (an expired token) end it at once. Either way the run itself goes on in Kubeflow."""
+    out = out or sys.stdout
+    seen: dict = {}
+    run_state, failures = None, 0
+
+    def say(text: str) -> None:
+        print(f"{datetime.datetime.now():%H:%M:%S}  {text}", file=out, flush=True)
+
+    while True:
+        try:
+            run = kfp_client.get_run(run_id)
+            failures = 0
+        except Exception as err:  # noqa: BLE001 - whatever the transport raised
+            explained = _explain(err, host)
+            if getattr(err, "status", None) in (401, 403):
+                raise SubmitError(f"{explained}; the run goes on: {run_url(host, run_id)}") from None
+            failures += 1
+            if failures > POLL_RETRIES:
+                raise SubmitError(f"stopped following run {run_id} after {failures} failed reads ({explained}); "
+                                  f"the run goes on: {run_url(host, run_id)}") from None
+            say(f"could not read the run ({explained}); trying again")
+            sleep(poll_s)
+            continue
+        tasks = list(getattr(run.run_details, "task_details", None) or []) if run.run_details else []
+        labels = _task_labels(tasks)
+        for task in sorted(tasks, key=lambda t: (str(t.create_time or ""), labels[t.task_id])):
+            state = str(task.state or "PENDING")
+            if seen.get(task.task_id) != state:
+                seen[task.task_id] = state
+                error = _error_text(task.error) if state == "FAILED" else ""
+                say(f"{labels[task.task_id]}: {state}" + (f" ({error})" if error else ""))
+        state = str(run.state or "PENDING")
+        if state != run_state:
+            run_state = state
+            if state not in FINAL_STATES:
+                say(f"run {run_id}: {state}")
+        if state in FINAL_STATES:
+            error = _error_text(run.error)
+            took = (run.finished_at - run.created_at).total_seconds() if run.finished_at and run.created_at else None
+            say(f"run {run_id} {state}" + (f" after {_duration(took)}" if took is not None and took >= 0 else "")
+                + (f": {error}" if error else "") + f" · {run_url(host, run_id)}")
+            return state
+        sleep(poll_s)

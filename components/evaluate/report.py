@@ -81,3 +81,62 @@ def markdown(summary: dict, per_sample: list[dict]) -> str:
     for i, row in enumerate(per_sample):
         lines.append(f"| {i} | {row['id']} | {_cell(row['prompt'])} | " + " | ".join(_number(row[c]) for c in columns) + " |")
     return "\n".join(lines) + "\n"
+
+
+def html_page(summary: dict, per_sample: list[dict], grid_png: bytes, training_records: list[dict]) -> str:
+    """report.md as one self-contained page for the Kubeflow UI (its Markdown viewer cannot show grid.png from the
+    bucket): the grid inlined, the metrics and yardsticks, the training curve as inline SVG, the prompts."""
+    from components.report import html
+
+    sections = [
+        f"<p>ControlNet: <code>{html.esc(summary['controlnet'])}</code> · base: <code>{html.esc(summary['base_model'])}</code>"
+        f" · control: <b>{html.esc(summary['control_type'])}</b> · {summary['resolution']} px, {summary['num_inference_steps']}"
+        f" steps, guidance {summary['guidance_scale']}, seed {summary['seed']}</p>",
+        f"<p>Samples: {summary['samples']} — {html.esc(summary['selection'])}</p>",
+        html.figure(grid_png, "control | generated | reference",
+                    f"Rows: control | generated | reference (first {min(summary['samples'], GRID_MAX_ROWS)} samples)."),
+        "<h2>Metrics</h2>",
+        html.table(["metric", "value"], [[name, _number(value)] for name, value in summary["metrics"].items()], numeric={1}),
+    ]
+    table = summary.get("fidelity_yardsticks") or {}
+    if table:
+        sections += ["<h3>Control fidelity against its floor and ceiling</h3>", html.table(
+            ["images", "precision", "recall", "F1"],
+            [[label, _number(table[name]["precision"]), _number(table[name]["recall"]), _number(table[name]["f1"])]
+             for name, label in YARDSTICKS.items() if name in table], numeric={1, 2, 3})]
+    if summary["not_computed"]:
+        sections += ["<p>Not computed:</p><ul>" + "".join(
+            f"<li><b>{html.esc(name)}</b>: {html.esc(reason)}</li>" for name, reason in summary["not_computed"].items()) + "</ul>"]
+    curve = html.training_curve(training_records)
+    if curve:
+        sections += ["<h2>Training</h2>", curve]
+    sections += ["<h2>Metric definitions</h2><ul>" + "".join(f"<li>{html.esc(d)}</li>" for d in summary["definitions"]) + "</ul>"]
+    columns = [k for k in per_sample[0] if k not in ("id", "prompt")] if per_sample else []
+    sections += ["<h2>Prompts</h2>", html.table(
+        ["#", "id", "prompt", *columns],
+        [[i, row["id"], row["prompt"] or "(empty prompt)", *[_number(row[c]) for c in columns]] for i, row in enumerate(per_sample)],
+        numeric=set(range(3, 3 + len(columns))))]
+    return html.page("ControlNet evaluation", sections)
+
+
+def write_html(output_uri: str, trained_uri: str, summary: dict, per_sample: list[dict], grid_png: bytes) -> None:
+    """report.html beside report.md, with the training curve from the trained ControlNet's metrics.jsonl when there."""
+    import json
+
+    from cnpipe import storage
+
+    metrics = storage.join(trained_uri, "metrics.jsonl")
+    records = ([json.loads(line) for line in storage.read_bytes(metrics).decode().splitlines() if line.strip()]
+               if storage.exists(metrics) else [])
+    storage.write_bytes_atomic(storage.join(output_uri, "report.html"),
+                               html_page(summary, per_sample, grid_png, records).encode())
+
+
+def write_html_from_outputs(output_uri: str, trained_uri: str) -> None:
+    """report.html from what a finished evaluation left (metrics.json, grid.png): for one finished before report.html
+    was written, which a rerun reuses instead of sampling again."""
+    from cnpipe import storage
+
+    saved = storage.read_json(storage.join(output_uri, "metrics.json"))
+    per_sample = saved.pop("per_sample", [])
+    write_html(output_uri, trained_uri, saved, per_sample, storage.read_bytes(storage.join(output_uri, "grid.png")))

@@ -190,9 +190,11 @@ def run(config, inputs: dict, output_uri: str) -> dict:
         "fidelity_yardsticks": measured["fidelity"],
     }
     rows = [(s.control, image, s.reference) for s, image in zip(samples, generated)]
-    storage.write_bytes_atomic(storage.join(output_uri, "grid.png"), report.grid(rows, enc.resolution))
+    grid_png = report.grid(rows, enc.resolution)
+    storage.write_bytes_atomic(storage.join(output_uri, "grid.png"), grid_png)
     storage.write_json_atomic(storage.join(output_uri, "metrics.json"), {**summary, "per_sample": measured["per_sample"]})
     storage.write_bytes_atomic(
         storage.join(output_uri, "report.md"), report.markdown(summary, measured["per_sample"]).encode()
     )
+    report.write_html(output_uri, trained_uri, summary, measured["per_sample"], grid_png)
     return summary

@@ -1,6 +1,9 @@
-"""The kfp component around the report stage: rows per stage, rejections by reason, a contact sheet."""
+"""The kfp component around the report stage: rows per stage, rejections by reason, a contact sheet.
+
+The Kubeflow UI shows it twice: `report_md` (Markdown: the tables; its viewer cannot load the PNGs in the bucket) and
+`report_html` (HTML: the same with the contact sheet, the training curve and the evaluation grid inlined)."""
 from kfp import dsl
-from kfp.dsl import Dataset, Input, Markdown, Output
+from kfp.dsl import HTML, Dataset, Input, Markdown, Output
 
 from cnpipe.kfp_images import DEFAULT_IMAGE
 
@@ -20,8 +23,9 @@ def report(
     evaluate: Input[Dataset],
     output: Output[Dataset],
     report_md: Output[Markdown],
+    report_html: Output[HTML],
 ):
-    """The run report, also shown in the Kubeflow UI as a Markdown artifact."""
+    """The run report, also shown in the Kubeflow UI as Markdown and HTML (pictures inlined) artifacts."""
     from cnpipe import storage
     from cnpipe.kfp_bridge import run_component
 
@@ -33,3 +37,5 @@ def report(
     summary = run_component("report", config_json, run_id, inputs, output)
     with open(report_md.path, "w") as f:
         f.write(storage.read_bytes(summary["report"]).decode())
+    with open(report_html.path, "w") as f:
+        f.write(storage.read_bytes(summary["report_html"]).decode())

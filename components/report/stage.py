@@ -9,7 +9,7 @@ import datetime as _dt
 
 from cnpipe import storage
 from cnpipe.dataset import Manifest, StageOutput
-from components.report import contact_sheet
+from components.report import contact_sheet, html
 
 STAGE = "report"
 
@@ -76,16 +76,60 @@ def markdown(rows: list[dict], run_name: str, sheet_name: str | None) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _read_if_there(uri: str) -> bytes | None:
+    return storage.read_bytes(uri) if storage.exists(uri) else None
+
+
+def html_page(rows: list[dict], run_name: str, sheet: bytes | None, inputs: dict) -> str:
+    """The report as one self-contained page for the Kubeflow UI: the tables of report.md, rows in/out per stage as a
+    chart, the contact sheet, the training curve and the evaluation grid and metrics, every picture inlined."""
+    import json
+
+    sections = [f'<p class="muted">Written {_dt.datetime.now(_dt.timezone.utc):%Y-%m-%d %H:%M UTC}.</p>', "<h2>Rows per stage</h2>",
+                html.table(["stage", "rows in", "rows out", "rows rejected", "output"],
+                           [[r["stage"], r.get("rows_in", ""), r.get("rows_out", ""), r.get("rows_rejected", ""), r["uri"]]
+                            for r in rows], numeric={1, 2, 3}),
+                html.bar_chart([(r["stage"], r.get("rows_in"), r.get("rows_out")) for r in rows if "rows_in" in r])]
+    rejections = [[r["stage"], reason, n] for r in rows
+                  for reason, n in sorted((r.get("rejections") or {}).items(), key=lambda kv: -kv[1])]
+    if rejections:
+        sections += ["<h2>Rejections by reason</h2>", html.table(["stage", "reason", "rows"], rejections, numeric={2})]
+    notes = [[r["stage"], k, v] for r in rows for k, v in (r.get("notes") or {}).items()]
+    if notes:
+        sections += ["<h2>Handled and kept (notes)</h2>", html.table(["stage", "note", "rows"], notes, numeric={2})]
+    if sheet:
+        sections += ["<h2>Contact sheet</h2>", html.figure(sheet, "contact sheet", "image, captions and control images per sample row")]
+    train = inputs.get("controlnet_train")
+    metrics_lines = _read_if_there(storage.join(train.uri, "metrics.jsonl")) if isinstance(train, StageOutput) else None
+    if metrics_lines:
+        records = [json.loads(line) for line in metrics_lines.decode().splitlines() if line.strip()]
+        sections += ["<h2>Training</h2>", html.training_curve(records)]
+    evaluated = inputs.get("evaluate")
+    if isinstance(evaluated, StageOutput):
+        grid = _read_if_there(storage.join(evaluated.uri, "grid.png"))
+        metrics = evaluated.summary.get("metrics") or {}
+        sections.append("<h2>Evaluation</h2>")
+        if metrics:
+            sections.append(html.table(["metric", "value"], [[k, f"{v:.4g}" if isinstance(v, float) else v]
+                                                             for k, v in metrics.items()], numeric={1}))
+        if grid:
+            sections.append(html.figure(grid, "evaluation grid", "control | generated | reference"))
+    return html.page(f"Run report: {run_name}", sections)
+
+
 def run(config, inputs: dict, output_uri: str) -> StageOutput:
     rows = stage_rows(inputs)
     conditioning = next((v for v in inputs.values() if isinstance(v, StageOutput) and "types" in v.summary), None)
-    sheet_name = None
+    sheet_name, sheet = None, None
     if conditioning is not None and config.report.sample_rows > 0:
         samples, types = sample_rows(conditioning, config.report.sample_rows)
         sheet_name = "contact_sheet.png"
-        storage.write_bytes_atomic(storage.join(output_uri, sheet_name), contact_sheet.to_png(contact_sheet.render(samples, types)))
+        sheet = contact_sheet.to_png(contact_sheet.render(samples, types))
+        storage.write_bytes_atomic(storage.join(output_uri, sheet_name), sheet)
     text = markdown(rows, config.name, sheet_name)
     storage.write_bytes_atomic(storage.join(output_uri, "report.md"), text.encode())
-    summary = {"report": storage.join(output_uri, "report.md"), "contact_sheet": sheet_name and storage.join(output_uri, sheet_name), "stages": rows}
+    storage.write_bytes_atomic(storage.join(output_uri, "report.html"), html_page(rows, config.name, sheet, inputs).encode())
+    summary = {"report": storage.join(output_uri, "report.md"), "report_html": storage.join(output_uri, "report.html"),
+               "contact_sheet": sheet_name and storage.join(output_uri, sheet_name), "stages": rows}
     storage.write_json_atomic(storage.join(output_uri, "summary.json"), summary)
     return StageOutput(output_uri, summary)

@@ -14,8 +14,12 @@ TOKEN = "s3cr3t-token-value"
 
 
 class FakeKfp:
-    def __init__(self, deny: bool = False):
+    """`runs`: what successive reads of the created run return (the last one repeats), each a v2beta1 Run as JSON, or
+    {"status": code} for an HTTP error."""
+
+    def __init__(self, deny: bool = False, runs: list[dict] | None = None):
         self.requests: list[dict] = []
+        self.runs = list(runs or [])
         fake = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -41,6 +45,11 @@ class FakeKfp:
                     return self._reply(200, {"multi_user": False})
                 if self.path.startswith("/apis/v2beta1/experiments"):
                     return self._reply(200, {"experiments": [], "total_size": 0})
+                if self.path.startswith("/apis/v2beta1/runs/run-42") and fake.runs:
+                    run = fake.runs.pop(0) if len(fake.runs) > 1 else fake.runs[0]
+                    if "status" in run:
+                        return self._reply(run["status"], {"error": "scripted"})
+                    return self._reply(200, {"run_id": "run-42", "display_name": "nightly", **run})
                 return self._reply(404, {"error": self.path})
 
             def do_POST(self):
@@ -120,3 +129,120 @@ def test_unreachable_host_is_one_clear_line():
 def test_no_host_at_all():
     done = submit()
     assert done.returncode == 1 and "no Kubeflow host" in done.stderr
+
+
+# ---------------------------------------------------------------- the run's URL, and --wait following it
+
+def task(task_id, name, state, parent="root", error=None, at=0):
+    row = {"task_id": task_id, "display_name": name, "state": state, "parent_task_id": parent,
+           "create_time": f"2026-01-01T00:00:{at:02d}Z"}
+    if error:
+        row["error"] = {"code": 2, "message": error}
+    return row
+
+
+ROOT = {"task_id": "root", "display_name": "controlnet-production", "state": "RUNNING", "create_time": "2026-01-01T00:00:00Z"}
+
+
+def snapshot(state, *tasks, error=None, finished=False):
+    run = {"state": state, "created_at": "2026-01-01T00:00:00Z", "run_details": {"task_details": [ROOT, *tasks]}}
+    if finished:
+        run["finished_at"] = "2026-01-01T01:02:03Z"
+    if error:
+        run["error"] = {"code": 2, "message": error}
+    return run
+
+
+def loop_tasks(state):
+    return [task("loop", "for-loop-2", state, at=2), task("it0", "iteration-0", state, parent="loop", at=2),
+            task("it1", "iteration-1", state, parent="loop", at=2),
+            task("c0", "clip embed", state, parent="it0", at=3), task("c1", "clip embed", state, parent="it1", at=3)]
+
+
+def wait(fake, *extra, env_extra=None):
+    return submit("--host", fake.url, "--run-id", "r1", "--wait", "--poll-interval", "0.01", *extra, env_extra=env_extra)
+
+
+def followed(stdout: str) -> list[str]:
+    """The lines --wait printed, without their time of day."""
+    return [line.split("  ", 1)[1] for line in stdout.splitlines() if line[:2].isdigit() and "  " in line]
+
+
+def test_submit_prints_the_runs_page_in_the_kubeflow_ui():
+    fake = FakeKfp()
+    done = submit("--host", fake.url)
+    assert done.returncode == 0, done.stderr
+    assert f"run: {fake.url}/#/runs/details/run-42" in done.stdout.splitlines()
+    assert not any(r["path"].startswith("/apis/v2beta1/runs/run-42") for r in fake.requests)  # no --wait: no polling
+    done = submit("--host", fake.url, env_extra={"KF_PIPELINES_UI_ENDPOINT": "https://kubeflow.example.com/pipeline"})
+    assert "run: https://kubeflow.example.com/pipeline/#/runs/details/run-42" in done.stdout.splitlines()
+
+
+def test_wait_prints_each_task_state_as_it_changes_then_the_final_state():
+    fake = FakeKfp(runs=[
+        snapshot("PENDING"),
+        snapshot("RUNNING", task("hub", "hub load", "RUNNING", at=1)),
+        snapshot("RUNNING", task("hub", "hub load", "RUNNING", at=1)),  # nothing changed: nothing printed
+        snapshot("RUNNING", task("hub", "hub load", "SUCCEEDED", at=1), *loop_tasks("RUNNING")),
+        snapshot("SUCCEEDED", task("hub", "hub load", "SUCCEEDED", at=1), *loop_tasks("SUCCEEDED"), finished=True),
+    ])
+    done = wait(fake)
+    assert done.returncode == 0, done.stderr
+    lines = followed(done.stdout)
+    url = f"{fake.url}/#/runs/details/run-42"
+    assert lines == [
+        "controlnet-production: RUNNING",
+        "run run-42: PENDING",
+        "hub load: RUNNING",
+        "run run-42: RUNNING",
+        "hub load: SUCCEEDED",
+        "for-loop-2: RUNNING",
+        "for-loop-2 / iteration-0: RUNNING",
+        "for-loop-2 / iteration-1: RUNNING",
+        "for-loop-2 / iteration-0 / clip embed: RUNNING",
+        "for-loop-2 / iteration-1 / clip embed: RUNNING",
+        "for-loop-2: SUCCEEDED",
+        "for-loop-2 / iteration-0: SUCCEEDED",
+        "for-loop-2 / iteration-1: SUCCEEDED",
+        "for-loop-2 / iteration-0 / clip embed: SUCCEEDED",
+        "for-loop-2 / iteration-1 / clip embed: SUCCEEDED",
+        f"run run-42 SUCCEEDED after 1 h 2 min 3 s · {url}",
+    ]
+    assert f"run: {url}" in done.stdout
+
+
+def test_wait_exits_non_zero_when_the_run_fails_and_says_which_task_and_why():
+    fake = FakeKfp(runs=[
+        snapshot("RUNNING", task("dl", "download", "RUNNING", at=1)),
+        {"status": 503},  # a read that fails on the way is retried, not the end of following
+        snapshot("RUNNING", task("dl", "download", "FAILED", at=1, error="stage download exited with status 1\nmore")),
+        snapshot("FAILED", task("dl", "download", "FAILED", at=1, error="stage download exited with status 1"),
+                 error="task download failed", finished=True),
+    ])
+    done = wait(fake)
+    assert done.returncode == 1
+    lines = followed(done.stdout)
+    assert "download: FAILED (stage download exited with status 1)" in lines
+    assert any(line.startswith("could not read the run (Kubeflow Pipelines at") and "503" in line for line in lines)
+    assert lines[-1].startswith("run run-42 FAILED after 1 h 2 min 3 s: task download failed · http://127.0.0.1:")
+    assert "Traceback" not in done.stderr
+
+
+def test_wait_exits_non_zero_when_the_run_is_cancelled():
+    fake = FakeKfp(runs=[snapshot("RUNNING", task("tr", "controlnet train", "RUNNING")),
+                         snapshot("CANCELING", task("tr", "controlnet train", "CANCELING")),
+                         snapshot("CANCELED", task("tr", "controlnet train", "CANCELED"), finished=True)])
+    done = wait(fake)
+    assert done.returncode == 1
+    lines = followed(done.stdout)
+    assert "controlnet train: CANCELING" in lines and "controlnet train: CANCELED" in lines
+    assert "run run-42: CANCELING" in lines and lines[-1].startswith("run run-42 CANCELED")
+
+
+def test_wait_stops_at_once_with_one_line_when_the_token_is_refused_mid_run():
+    fake = FakeKfp(runs=[snapshot("RUNNING"), {"status": 401}])
+    done = wait(fake, env_extra={"KF_PIPELINES_TOKEN": TOKEN})
+    assert done.returncode == 1
+    (line,) = [l for l in done.stderr.splitlines() if l.startswith("submit:")]
+    assert "authentication failed" in line and "HTTP 401" in line and "/#/runs/details/run-42" in line
+    assert "Traceback" not in done.stderr

@@ -27,10 +27,7 @@ def run_pipeline(root: str, run_id: str, env: dict | None = None, *extra: str) -
     return done.stdout
 
 
-@pytest.fixture(scope="module")
-def finished_run(tmp_path_factory):
-    root = tmp_path_factory.mktemp("runs")
-    return root / "e2e", run_pipeline(str(root), "e2e")
+# finished_run: tests/e2e/conftest.py (one kfp.local run per session, shared with test_yaml_run)
 
 
 def rows_per_stage(run_root: str) -> dict:
