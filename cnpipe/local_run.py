@@ -48,6 +48,8 @@ def prepare_embedded(config, run_root: str, run_dir: pathlib.Path):
     _run_python("core", "-m", "cnpipe.embedded.assets", assets)
     _run_python("vision", "-m", "cnpipe.embedded.tiny_models", f"{assets}/models")
     _run_python("vision", "-m", "cnpipe.embedded.tiny_sd", f"{assets}/models")
+    if config.base_model.path.startswith(f"{assets}/fill/") or config.hub_load.source.startswith(f"{assets}/fill/"):
+        _run_python("vision", "-m", "cnpipe.embedded.fill", assets)  # the fill domain and its pretrained base, made once
     _run_python("vision", "-m", "components.depth.tiny_model", f"{assets}/models")
     # The retrieved URLs name the service's port, and row ids (so the held-out split) come from the URLs: a
     # resumed run serves on the port it used before (remembered on the storage root beside the run's outputs),

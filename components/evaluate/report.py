@@ -1,4 +1,5 @@
-"""What a person looks at: grid.png (one row per sample: control | generated | reference) and report.md."""
+"""What a person looks at: grid.png (one row per sample: control | untrained | trained | reference), fidelity.png and
+report.md."""
 from __future__ import annotations
 
 import io
@@ -9,10 +10,14 @@ from PIL import Image
 GRID_MAX_ROWS = 16  # a readable page; metrics always cover every sample
 
 
-def grid(rows: list[tuple[Image.Image, Image.Image, Image.Image]], size: int) -> bytes:
-    """PNG of len(rows) (at most GRID_MAX_ROWS) rows of three size×size tiles, no gutters."""
+GRID_COLUMNS = "control | untrained | trained | reference"
+
+
+def grid(rows: list[tuple[Image.Image, ...]], size: int) -> bytes:
+    """PNG of len(rows) (at most GRID_MAX_ROWS) rows of size×size tiles (as many columns as the rows have), no gutters."""
     rows = rows[:GRID_MAX_ROWS]
-    canvas = Image.new("RGB", (3 * size, len(rows) * size), (255, 255, 255))
+    columns = max((len(r) for r in rows), default=0)
+    canvas = Image.new("RGB", (columns * size, len(rows) * size), (255, 255, 255))
     for r, tiles in enumerate(rows):
         for c, tile in enumerate(tiles):
             canvas.paste(tile.convert("RGB").resize((size, size)), (c * size, r * size))
@@ -61,16 +66,20 @@ def markdown(summary: dict, per_sample: list[dict]) -> str:
         "",
         f"Samples: {summary['samples']} — {summary['selection']}",
         "",
-        "![control | generated | reference](grid.png)",
+        f"![{GRID_COLUMNS}](grid.png)",
         "",
-        f"*Rows: control | generated | reference (first {min(summary['samples'], GRID_MAX_ROWS)} samples).*",
+        f"*Rows: {GRID_COLUMNS} (first {min(summary['samples'], GRID_MAX_ROWS)} samples). Untrained: the ControlNet "
+        "training started from (zero convolutions: the base alone), same control, prompt and seed.*",
         "",
         "## Metrics",
         "",
-        "| metric | value |",
-        "|---|---|",
+        "| metric | untrained ControlNet | trained ControlNet |",
+        "|---|---|---|",
     ]
-    lines += [f"| {name} | {_number(value)} |" for name, value in summary["metrics"].items()]
+    before = summary.get("metrics_untrained") or {}
+    lines += [f"| {name} | {_number(before.get(name))} | {_number(value)} |" for name, value in summary["metrics"].items()]
+    if summary.get("fidelity_png"):
+        lines += ["", f"![control fidelity, untrained vs trained]({summary['fidelity_png']})"]
     lines += _yardsticks(summary.get("fidelity_yardsticks") or {})
     if summary["not_computed"]:
         lines += ["", "Not computed:", ""]
@@ -93,10 +102,11 @@ def html_page(summary: dict, per_sample: list[dict], grid_png: bytes, training_r
         f" · control: <b>{html.esc(summary['control_type'])}</b> · {summary['resolution']} px, {summary['num_inference_steps']}"
         f" steps, guidance {summary['guidance_scale']}, seed {summary['seed']}</p>",
         f"<p>Samples: {summary['samples']} — {html.esc(summary['selection'])}</p>",
-        html.figure(grid_png, "control | generated | reference",
-                    f"Rows: control | generated | reference (first {min(summary['samples'], GRID_MAX_ROWS)} samples)."),
+        html.figure(grid_png, GRID_COLUMNS, f"Rows: {GRID_COLUMNS} (first {min(summary['samples'], GRID_MAX_ROWS)} samples)."),
         "<h2>Metrics</h2>",
-        html.table(["metric", "value"], [[name, _number(value)] for name, value in summary["metrics"].items()], numeric={1}),
+        html.table(["metric", "untrained ControlNet", "trained ControlNet"],
+                   [[name, _number((summary.get("metrics_untrained") or {}).get(name)), _number(value)]
+                    for name, value in summary["metrics"].items()], numeric={1, 2}),
     ]
     table = summary.get("fidelity_yardsticks") or {}
     if table:

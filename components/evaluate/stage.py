@@ -18,6 +18,9 @@ from components.encode.inputs import control_type_of
 from components.evaluate import fidelity, report
 from components.evaluate.frechet import frechet_distance
 from components.evaluate.samples import select
+from components.evaluate.untrained import merge as merge_untrained
+from components.evaluate.untrained import untrained_controlnet
+from components.report import plots
 
 STAGE = "evaluate"
 CLIP_BATCH = 16
@@ -161,8 +164,13 @@ def run(config, inputs: dict, output_uri: str) -> dict:
     with local_folder(controlnet) as folder:
         pipeline = load_pipeline(config.base_model, folder, device)
     generated = generate(pipeline, text_encoder, samples, ev, enc.resolution, ev.batch_size)
+    # the same controls, prompts and seeds through the ControlNet training started from (zero convs: the base alone)
+    pipeline.controlnet = untrained_controlnet(config.base_model, pipeline.controlnet)
+    generated_untrained = generate(pipeline, text_encoder, samples, ev, enc.resolution, ev.batch_size)
     del pipeline, text_encoder
     measured = measure(config, control_type, samples, generated, device)
+    measured_untrained = measure(config, control_type, samples, generated_untrained, device)
+    merge_untrained(measured, measured_untrained)
 
     if selection.heldout_fallback:
         chosen = (f"no usable held-out row (encode.holdout_fraction={enc.holdout_fraction}): the FIRST rows were used; "
@@ -185,12 +193,18 @@ def run(config, inputs: dict, output_uri: str) -> dict:
         "selection": chosen,
         "skipped_rows": dict(selection.skipped),
         "metrics": measured["metrics"],
+        # the zero-initialised ControlNet (what training started from) on the same controls, prompts and seeds
+        "metrics_untrained": measured_untrained["metrics"],
         "not_computed": measured["not_computed"],
         "definitions": measured["definitions"],
         "fidelity_yardsticks": measured["fidelity"],
     }
-    rows = [(s.control, image, s.reference) for s, image in zip(samples, generated)]
+    rows = [(s.control, before, image, s.reference) for s, before, image in zip(samples, generated_untrained, generated)]
     grid_png = report.grid(rows, enc.resolution)
+    bars = plots.fidelity_bars(summary)
+    if bars:
+        storage.write_bytes_atomic(storage.join(output_uri, "fidelity.png"), bars)
+        summary["fidelity_png"] = "fidelity.png"
     storage.write_bytes_atomic(storage.join(output_uri, "grid.png"), grid_png)
     storage.write_json_atomic(storage.join(output_uri, "metrics.json"), {**summary, "per_sample": measured["per_sample"]})
     storage.write_bytes_atomic(

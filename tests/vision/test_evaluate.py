@@ -67,7 +67,17 @@ def test_cli_writes_grid_report_and_metrics(assets, conditioning, trained, tmp_p
     expected_ids = heldout[: cfg.evaluate.num_samples]
     assert [s["id"] for s in metrics["per_sample"]] == expected_ids and metrics["heldout_fallback"] is False
     with Image.open(out / "grid.png") as grid:
-        assert grid.size == (3 * 64, len(expected_ids) * 64)
+        assert grid.size == (4 * 64, len(expected_ids) * 64)  # control | untrained | trained | reference
+        tiles = np.asarray(grid.convert("RGB"), dtype=np.int16)
+    # the fixture's "trained" ControlNet is itself fresh from the base UNet (zero convolutions), so the untrained
+    # column, sampled with the same controls, prompts and seeds, is the same picture and scores the same
+    assert np.abs(tiles[:, 64:128] - tiles[:, 128:192]).max() <= 2
+    assert set(metrics["metrics_untrained"]) == set(metrics["metrics"])
+    for name, value in metrics["metrics"].items():
+        assert metrics["metrics_untrained"][name] == pytest.approx(value, abs=1e-3), name
+    assert all("canny_f1_untrained" in s and "canny_fidelity_untrained" in s for s in metrics["per_sample"])
+    with Image.open(out / "fidelity.png") as bars:
+        assert bars.size[0] > 100 and len(set(bars.convert("RGB").getdata())) > 3
     for name in ("clip_score", "clip_score_reference", "canny_f1", "canny_precision", "canny_recall"):
         assert math.isfinite(metrics["metrics"][name]), name
     for name in ("canny_f1", "canny_precision", "canny_recall", "canny_f1_reference", "canny_f1_noise", "canny_f1_all_edges"):
@@ -85,6 +95,7 @@ def test_cli_writes_grid_report_and_metrics(assets, conditioning, trained, tmp_p
 
     report = (out / "report.md").read_text()
     assert "](grid.png)" in report
+    assert "| metric | untrained ControlNet | trained ControlNet |" in report and "](fidelity.png)" in report
     noise_f1 = f"{metrics['fidelity_yardsticks']['noise']['f1']:.4g} |"
     assert "| uniform noise images (the floor) |" in report and noise_f1 in report
     assert "| reference images (the ceiling) |" in report and "| every pixel an edge (the floor) |" in report
