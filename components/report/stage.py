@@ -10,6 +10,7 @@ import datetime as _dt
 from cnpipe import storage
 from cnpipe.dataset import Manifest, StageOutput
 from components.report import contact_sheet, html
+from components.report import training
 
 STAGE = "report"
 
@@ -127,6 +128,8 @@ def run(config, inputs: dict, output_uri: str) -> StageOutput:
         sheet = contact_sheet.to_png(contact_sheet.render(samples, types))
         storage.write_bytes_atomic(storage.join(output_uri, sheet_name), sheet)
     text = markdown(rows, config.name, sheet_name)
+    helped = training.section(inputs, output_uri)  # loss curve and untrained-vs-trained fidelity, as PNG plots
+    text += "\n".join(helped) + ("\n" if helped else "")
     storage.write_bytes_atomic(storage.join(output_uri, "report.md"), text.encode())
     storage.write_bytes_atomic(storage.join(output_uri, "report.html"), html_page(rows, config.name, sheet, inputs).encode())
     summary = {"report": storage.join(output_uri, "report.md"), "report_html": storage.join(output_uri, "report.html"),
