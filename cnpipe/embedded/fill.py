@@ -95,7 +95,7 @@ def _log(message: str) -> None:
     print(f"fill pretrain: {message}", file=sys.stderr, flush=True)
 
 
-def pretrain(folder: pathlib.Path, vae_steps: int = 200, unet_steps: int = 700, batch: int = 16, seed: int = 0,
+def pretrain(folder: pathlib.Path, vae_steps: int = 150, unet_steps: int = 500, batch: int = 16, seed: int = 0,
              latent_pool: int = 1024) -> None:
     """tiny_sd's architecture trained on the fill domain: the VAE first (L1 + a small KL, as SD's autoencoder without
     its GAN term), then the UNet on its latents (epsilon objective, the scheduler's noise schedule, 10 % empty prompts
@@ -120,7 +120,7 @@ def pretrain(folder: pathlib.Path, vae_steps: int = 200, unet_steps: int = 700, 
         lr = 2e-3 * min(1.0, (step + 1) / 20) * (0.2 if step > 0.8 * vae_steps else 1.0)
         for group in opt.param_groups:
             group["lr"] = lr
-        x, _ = _batch(rng, batch)
+        x, _ = _batch(rng, max(4, batch // 2))
         posterior = vae.encode(x).latent_dist
         recon = vae.decode(posterior.sample()).sample
         loss = F.l1_loss(recon, x) + 1e-6 * posterior.kl().mean()
@@ -128,7 +128,7 @@ def pretrain(folder: pathlib.Path, vae_steps: int = 200, unet_steps: int = 700, 
         loss.backward()
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
         opt.step()
-        if step % 50 == 0 or step == vae_steps - 1:
+        if step % 25 == 0 or step == vae_steps - 1:
             _log(f"vae step {step} l1+kl {loss.item():.4f} ({time.time() - start:.0f} s)")
     vae.eval()
 

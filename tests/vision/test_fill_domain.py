@@ -101,3 +101,24 @@ def test_fidelity_bars_untrained_beside_trained():
     heights = [np.all(image == c, axis=2).any(axis=1).sum() for c in plots.COLOURS[:2]]
     assert heights[1] > heights[0] > 0  # the trained bars stand taller than the untrained ones
     assert plots.fidelity_bars({"metrics": {}}) is None
+
+
+def test_report_section_links_the_plots_and_the_untrained_column(tmp_path):
+    from cnpipe.dataset import StageOutput
+    from components.report import training
+
+    train, evaluated, out = tmp_path / "train", tmp_path / "evaluate", tmp_path / "report"
+    train.mkdir(), evaluated.mkdir(), out.mkdir()
+    (train / "metrics.jsonl").write_text("\n".join(json.dumps({"step": s, "loss": 0.5 - s / 1000}) for s in range(10, 110, 10)))
+    grid = io.BytesIO()
+    Image.new("RGB", (4 * 64, 2 * 64), (10, 200, 30)).save(grid, format="PNG")
+    (evaluated / "grid.png").write_bytes(grid.getvalue())
+    summary = {"metrics": {"canny_f1": 0.55, "canny_fidelity": 0.4}, "metrics_untrained": {"canny_f1": 0.12, "canny_fidelity": 0.0}}
+    lines = training.section({"controlnet_train": StageOutput(str(train), {}), "evaluate": StageOutput(str(evaluated), summary)}, str(out))
+    text = "\n".join(lines)
+    assert f"]({training.LOSS_PNG})" in text and f"]({training.FIDELITY_PNG})" in text and f"]({training.GRID_PNG})" in text
+    assert "first 0.49, last 0.4," in text
+    assert "| canny_f1 | 0.12 | 0.55 |" in text and "| canny_fidelity | 0 | 0.4 |" in text
+    for name in (training.LOSS_PNG, training.FIDELITY_PNG, training.GRID_PNG):
+        assert (out / name).stat().st_size > 100
+    assert training.section({}, str(out)) == []
