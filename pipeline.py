@@ -5,6 +5,8 @@
     python pipeline.py run --set train.max_steps=50 --preset embedded
     python pipeline.py compile -o pipeline.yaml [--preset production]
     python pipeline.py submit --host https://kfp.example.com [--experiment E] [--namespace NS] [--run-name N]
+    python pipeline.py index [--preset embedded-own-index] [--set index.source=... --set index.output=...]
+    python pipeline.py serve-index [--manifest | --apply]   # serve index.output (clip-retrieval's API), or its k8s manifest
 
 Stages hand each other dataset URIs only; every stage runs in its image family's environment
 (.venvs/<family> here, the family's image on Kubeflow).
@@ -179,6 +181,29 @@ def cmd_submit(args) -> int:
     return 0 if state == submit.SUCCEEDED else 1
 
 
+def cmd_index(args) -> int:
+    """Build index.source into index.output with autofaiss (components/knn_index), here or as a kfp pipeline."""
+    from components.knn_index import driver
+
+    config = load_config(args)
+    if args.compile:
+        driver.compile_pipeline(config, args.compile)
+        print(f"wrote {args.compile}: the index build as a Kubeflow pipeline (preset {config.name}, image of family index)")
+        return 0
+    return driver.build(config, force=args.force)
+
+
+def cmd_serve_index(args) -> int:
+    """Serve index.output with clip-retrieval's API on this machine, or print / apply its Kubernetes manifest."""
+    from components.knn_index import driver, manifest
+
+    config = load_config(args)
+    if args.manifest:
+        print(manifest.render(config), end="")
+        return 0
+    return driver.apply(config) if args.apply else driver.serve(config)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command")
@@ -206,6 +231,16 @@ def main(argv: list[str] | None = None) -> int:
                      help="follow the run: each task's state as it changes, then the run's; exit 1 unless it succeeds")
     sub.add_argument("--poll-interval", type=float, default=15.0, metavar="S", help="seconds between reads with --wait")
     sub.set_defaults(func=cmd_submit)
+    idx = with_config(commands.add_parser("index", help="build a kNN index with autofaiss (index.source -> index.output)"),
+                      "embedded-own-index")
+    idx.add_argument("--force", action="store_true", help="rebuild even if index.output holds this index")
+    idx.add_argument("--compile", metavar="YAML", help="write the build as a Kubeflow pipeline instead of running it here")
+    idx.set_defaults(func=cmd_index)
+    srv = with_config(commands.add_parser("serve-index", help="serve index.output with clip-retrieval's API (or its k8s manifest)"),
+                      "embedded-own-index")
+    srv.add_argument("--manifest", action="store_true", help="print the Kubernetes Deployment + Service instead")
+    srv.add_argument("--apply", action="store_true", help="kubectl apply the manifest")
+    srv.set_defaults(func=cmd_serve_index)
     args = parser.parse_args(argv if argv is not None else (sys.argv[1:] or ["run"]))
     try:
         return args.func(args)

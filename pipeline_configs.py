@@ -305,6 +305,47 @@ class KubeflowConfig:
 
 
 @dataclass
+class IndexConfig:
+    """A kNN index you build and host yourself: `python pipeline.py index` builds it with autofaiss from image
+    embeddings (clip-retrieval's layout, or a clip_embed output), `python pipeline.py serve-index` serves it
+    memory-mapped with clip-retrieval's API under retrieval.indice_name (`--manifest`: its Kubernetes Deployment and
+    Service). components/knn_index/."""
+
+    # clip-retrieval's layout (img_emb/*.npy + metadata/*.parquet with url, caption) or a clip_embed output; local or gs://
+    source: str = ""
+    source_kind: str = "auto"  # auto (a manifest.json: clip_embed) | clip_retrieval | clip_embed
+    output: str = ""  # the index folder, local or gs://: image.index, metadata/*.arrow, infos.json, index.json
+    # clip_embed rows without a url (a folder of your images): this prefix + the image's path in the folder
+    image_url_prefix: str = ""
+    metadata_columns: list[str] = field(default_factory=lambda: ["url", "caption"])  # kept per vector, returned per result
+    dim: int = 0  # expected dimension; 0: the first file's
+    max_index_memory_usage: str = "16G"  # autofaiss: the index's size at most (sets the PQ code size); served memory-mapped
+    current_memory_available: str = "32G"  # autofaiss: the build's memory budget
+    max_index_query_time_ms: float = 10.0  # autofaiss sets nprobe to the most that answers within this
+    min_nearest_neighbors_to_retrieve: int = 40  # ... and to at least what returns this many results
+    index_key: str = ""  # a faiss index factory string instead of autofaiss's choice (e.g. "OPQ64_256,IVF4096,PQ64x8")
+    nb_cores: int = throughput(0)  # build threads; 0: every core
+    check_rows: int = 1024  # rows per embedding file checked for unit length before the build
+    norm_tolerance: float = 0.01
+    # serving
+    clip_model: str = ""  # the CLIP model that embeds text queries; empty: clip_embed.model (the index's own model)
+    host: str = "127.0.0.1"  # serve-index on this machine (the pod binds 0.0.0.0)
+    port: int = 1234
+    search_threads: int = 1  # faiss threads per query; concurrent queries run in threads of their own
+    namespace: str = "clip-retrieval"
+    service_name: str = "knn-index"
+    replicas: int = 1
+    disk: str = "200Gi"  # the pod's volume that holds its copy of the index (a generic ephemeral volume)
+    storage_class: str = ""  # of that volume; empty: the cluster's default (e.g. premium-rwo for SSD on GKE)
+    serve_resources: TaskResources = field(default_factory=lambda: TaskResources(cpu="4", memory="16Gi"))
+    build_resources: TaskResources = field(default_factory=lambda: TaskResources(cpu="16", memory="40Gi"))
+
+    def service_url(self) -> str:
+        """The in-cluster URL of the Service that `serve-index --manifest` describes."""
+        return f"http://{self.service_name}.{self.namespace}.svc.cluster.local:{self.port}/knn-service"
+
+
+@dataclass
 class PipelineConfig:
     name: str = "production"
     storage: StorageConfig = field(default_factory=StorageConfig)
@@ -321,6 +362,7 @@ class PipelineConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     kubeflow: KubeflowConfig = field(default_factory=KubeflowConfig)
+    index: IndexConfig = field(default_factory=IndexConfig)  # a kNN index you build and host (pipeline.py index / serve-index)
     allow_pickle_weights: bool = False  # torch stages: also load pickle checkpoints (they can run code); safetensors only when false
     shard_groups: int = 8  # per-image stages fan out into this many parallel tasks (pods), each every n-th shard
     kubeflow_host: str = ""
@@ -469,11 +511,14 @@ def production(bucket: str = "gs://controlnet-pipeline-data") -> PipelineConfig:
         storage=StorageConfig(root=f"{bucket}/runs"),
         hub_load=HubLoadConfig(kind="hf", source="lambdalabs/naruto-blip-captions", caption_column="text", rows_per_shard=2048),
         retrieval=RetrievalConfig(
-            service_url="http://clip-retrieval.clip-retrieval.svc.cluster.local:1234/knn-service",
+            # the index you build and host: `pipeline.py index`, then `pipeline.py serve-index --apply` (its Service)
+            service_url=IndexConfig().service_url(),
             prompts=["a full body photo of a person standing", "a person dancing, full body", "a person doing yoga"],
             num_images=200,
         ),
         kubeflow=KubeflowConfig(pipeline_root=f"{bucket}/kfp-root"),
+        # embeddings in clip-retrieval's layout (released ones you may use, or clip-retrieval inference's output)
+        index=IndexConfig(source=f"{bucket}/embeddings", output=f"{bucket}/knn-index"),
     )
 
 
@@ -521,10 +566,65 @@ def embedded_fill(assets: str = EMBEDDED_ASSETS) -> PipelineConfig:
     return config
 
 
+OWN_INDEX_PORT = 48722  # the embedded-own-index preset's served index (loopback)
+
+
+def embedded_own_index(assets: str = EMBEDDED_ASSETS) -> PipelineConfig:
+    """The embedded default retrieving from an index you build and serve, as production does, instead of the
+    stand-in's in-process one: `python pipeline.py index --preset embedded-own-index` makes an embedding set in
+    clip-retrieval's layout (the pool embedded by the tiny CLIP, plus 20 000 distractors) and builds it with
+    autofaiss; `python pipeline.py serve-index --preset embedded-own-index` serves it memory-mapped on a loopback port;
+    `python pipeline.py run --preset embedded-own-index` retrieves from it."""
+    config = embedded(assets)
+    config.name = "embedded-own-index"
+    config.retrieval.service_url = f"http://127.0.0.1:{OWN_INDEX_PORT}/knn-service"
+    config.retrieval.indice_name = "embedded-own-index"
+    config.index = IndexConfig(
+        source=f"{assets}/own-index/embeddings", output=f"{assets}/own-index/index", max_index_memory_usage="64MB",
+        current_memory_available="1G", min_nearest_neighbors_to_retrieve=config.retrieval.num_images,
+        port=OWN_INDEX_PORT, namespace="default", disk="1Gi",
+    )
+    return config
+
+
+def embedded_fill(assets: str = EMBEDDED_ASSETS) -> PipelineConfig:
+    """Where learning shows on two CPU cores: the fill domain (cnpipe/embedded/fill.py, in the spirit of fill50k: a
+    filled circle of one colour on a background of another, the prompt naming both, canny of the image its outline)
+    and a tiny SD-style base pretrained on it, both made once under <assets>/fill/ by `prepare_embedded`. Retrieval
+    contributes nothing (no prompts, no image queries: the pool's photos are not of this domain), so the generated
+    folder is the dataset; curate is off (synthetic, no duplicates to find, and pHash would call circles of one
+    colour pair near duplicates). Canny at the images' own 64 px."""
+    config = embedded(assets)
+    config.name = "embedded-fill"
+    config.hub_load.source = f"{assets}/fill/seeds"
+    config.hub_load.rows_per_shard = 128
+    config.hub_load.encode_format = "png"
+    config.retrieval.prompts = []
+    config.retrieval.use_image_seeds = False
+    config.curate.enabled = False
+    config.conditioning.types = ["canny"]
+    config.conditioning.detect_resolution = 0
+    config.base_model.path = f"{assets}/fill/tiny-sd-fill"
+    config.encode.holdout_fraction = 0.02
+    config.encode.batch_size = 32
+    config.train = TrainConfig(
+        max_steps=600, global_batch_size=16, learning_rate=5e-4, warmup_steps=50, lr_schedule="constant",
+        ema_decay=0.0, checkpoint_every=300, log_every=10, conditioning_embedding_out_channels=[16, 16, 32, 32],
+        validation_rows=0,
+    )
+    config.evaluate = EvaluateConfig(
+        num_samples=8, num_inference_steps=20, guidance_scale=3.0, batch_size=8, use_ema=False,
+        clip_model=f"{assets}/models/tiny-clip", device="cpu",
+    )
+    config.report.sample_rows = 6
+    return config
+
+
 PRESETS: dict[str, typing.Callable[[], PipelineConfig]] = {
     "embedded": embedded,
     "embedded-fill": embedded_fill,
     "embedded-depth": embedded_depth,
+    "embedded-own-index": embedded_own_index,
     "production": production,
 }
 

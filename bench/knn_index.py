@@ -1,0 +1,232 @@
+"""Issue 16's measurements of an index you build and host: recall@40 against exact search, build time and peak
+memory, index bytes per vector, query latency with 16 concurrent clients against the running service, and the
+service's memory against the index's size on disk.
+
+    .venvs/vision/bin/python bench/knn_index.py [--count 200000] [--dim 768] [--budget-bytes-per-vector 136]
+                                               [--build-memory 2G] [--clients 16] [--seconds 30]
+
+What it does:
+  1. components.knn_index.synthetic: --count unit vectors in clip-retrieval's layout (float16), from a mixture of
+     count/2000 clusters, with 100 queries and 40 planted neighbours each (cosine 0.65-0.95 to their query)
+  2. `python -m components.knn_index.build` in the index family's environment: autofaiss chooses the index under
+     max_index_memory_usage = count × --budget-bytes-per-vector (136: PQ128 codes + 8-byte ids, LAION's size class)
+     and current_memory_available = --build-memory; its time and the peak RSS of the build (process tree, sampled)
+  3. exact search (numpy, float32) of the 100 queries over every vector: the true top-40
+  4. `python -m components.knn_index.serve` (memory-mapped), queried over HTTP with clip-retrieval's body by
+     --clients threads for --seconds: recall@40 of the answers, p50/p99 latency, the service's RSS split into
+     anonymous (its own heap) and file-backed (pages of the mapped index: page cache, shared and reclaimable)
+  5. per million vectors: build time and memory measured at --count and at --count/2 and fitted as
+     a + b·n (a: training, fixed for a given index type; b: adding), then b·1M stated beside the measured ones
+Results: printed, and bench/results/knn_index.json.
+"""
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import pathlib
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+import numpy as np
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+import pipeline_configs  # noqa: E402
+from components.knn_index import driver, synthetic  # noqa: E402
+
+RESULTS = REPO / "bench" / "results"
+K = 40
+
+
+def env() -> dict:
+    return {**os.environ, "PYTHONPATH": str(REPO)}
+
+
+def build(source: pathlib.Path, output: pathlib.Path, count: int, bytes_per_vector: int, memory: str) -> dict:
+    driver.ensure_index_environment()
+    config = pipeline_configs.embedded("/unused")
+    config.index = pipeline_configs.IndexConfig(
+        source=str(source), output=str(output), max_index_memory_usage=f"{count * bytes_per_vector // 1024}KB",
+        current_memory_available=memory, min_nearest_neighbors_to_retrieve=K)
+    python = str(REPO / ".venvs" / "index" / "bin" / "python")
+    started = time.time()
+    done = subprocess.run([python, "-m", "components.knn_index.build", "--config-json", config.to_json()],
+                          env=env(), cwd=REPO, capture_output=True, text=True)
+    if done.returncode:
+        sys.exit(f"build failed:\n{done.stderr[-4000:]}")
+    summary = json.loads((output / "index.json").read_text())
+    summary["wall_seconds"] = round(time.time() - started, 1)
+    return summary
+
+
+def exact_top(source: pathlib.Path, queries: np.ndarray) -> np.ndarray:
+    """The true top-K ids of each query, over the files in the order the index numbers them."""
+    best_scores = np.full((len(queries), 0), -np.inf, np.float32)
+    best_ids = np.zeros((len(queries), 0), np.int64)
+    first = 0
+    for path in sorted((source / "img_emb").glob("**/*.npy")):
+        block = np.load(path, mmap_mode="r")
+        scores = queries @ np.asarray(block, dtype=np.float32).T
+        ids = np.broadcast_to(np.arange(first, first + len(block)), scores.shape)
+        all_scores = np.concatenate([best_scores, scores], axis=1)
+        all_ids = np.concatenate([best_ids, ids], axis=1)
+        keep = np.argsort(-all_scores, axis=1)[:, :K]
+        best_scores, best_ids = np.take_along_axis(all_scores, keep, 1), np.take_along_axis(all_ids, keep, 1)
+        first += len(block)
+    return best_ids
+
+
+def memory_of(pid: int) -> dict:
+    status = dict(line.split(":", 1) for line in pathlib.Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line)
+    kib = {k: int(status[k].split()[0]) * 1024 for k in ("VmRSS", "RssAnon", "RssFile") if k in status}
+    return {"rss": kib.get("VmRSS", 0), "anon": kib.get("RssAnon", 0), "file": kib.get("RssFile", 0)}
+
+
+def serve(index: pathlib.Path, threads: int) -> tuple[subprocess.Popen, int]:
+    ready = index.parent / "ready.json"
+    ready.unlink(missing_ok=True)
+    python = str(REPO / ".venvs" / "vision" / "bin" / "python")
+    process = subprocess.Popen([python, "-m", "components.knn_index.serve", "--index", f"bench={index}", "--port", "0",
+                                "--threads", str(threads), "--ready-file", str(ready)], env=env(), cwd=REPO)
+    deadline = time.time() + 300
+    while not ready.exists():
+        if process.poll() is not None or time.time() > deadline:
+            sys.exit("the service did not start")
+        time.sleep(0.2)
+    return process, json.loads(ready.read_text())["port"]
+
+
+def query(port: int, vector: np.ndarray) -> list[dict]:
+    body = json.dumps({"text": None, "image": None, "image_url": None, "embedding_input": vector.tolist(),
+                       "deduplicate": False, "use_safety_model": False, "use_violence_detector": False,
+                       "indice_name": "bench", "use_mclip": False, "aesthetic_score": 9, "aesthetic_weight": 0.5,
+                       "modality": "image", "num_images": K, "num_result_ids": K})
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    try:
+        conn.request("POST", "/knn-service", body=body, headers={"Content-Type": "application/json"})
+        response = conn.getresponse()
+        answer = json.loads(response.read())
+        if response.status != 200:
+            raise RuntimeError(answer)
+        return answer
+    finally:
+        conn.close()
+
+
+def load_test(port: int, queries: np.ndarray, clients: int, seconds: float) -> list[float]:
+    latencies: list[float] = []
+    lock = threading.Lock()
+    stop = time.time() + seconds
+
+    def client(offset: int) -> None:
+        i = offset
+        while time.time() < stop:
+            start = time.perf_counter()
+            query(port, queries[i % len(queries)])
+            took = time.perf_counter() - start
+            with lock:
+                latencies.append(took)
+            i += clients
+
+    workers = [threading.Thread(target=client, args=(c,)) for c in range(clients)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    return latencies
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--count", type=int, default=200_000)
+    parser.add_argument("--dim", type=int, default=768)
+    parser.add_argument("--budget-bytes-per-vector", type=int, default=136)
+    parser.add_argument("--build-memory", default="2G", help="autofaiss's current_memory_available")
+    parser.add_argument("--clients", type=int, default=16)
+    parser.add_argument("--seconds", type=float, default=30.0)
+    parser.add_argument("--threads", type=int, default=1, help="faiss threads per query in the service")
+    parser.add_argument("--no-half", action="store_true", help="skip the build at count/2 (no per-million fit)")
+    parser.add_argument("--work", default="", help="folder for the generated set and the index (default: a temporary one)")
+    args = parser.parse_args()
+    work = pathlib.Path(args.work or tempfile.mkdtemp(prefix="knn-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    results: dict = {"count": args.count, "dim": args.dim, "clients": args.clients, "cpus": os.cpu_count(),
+                     "load_average_at_start": os.getloadavg()[0]}
+    try:
+        builds = {}
+        for n in ([args.count] if args.no_half else [args.count // 2, args.count]):
+            source = work / f"set-{n}"
+            if not (source / "queries.npy").exists():
+                started = time.time()
+                synthetic.generate(str(source), n, dim=args.dim, queries=100, neighbours=K)
+                print(f"generated {n} vectors of dimension {args.dim} in {time.time() - started:.0f} s", flush=True)
+            builds[n] = build(source, work / f"index-{n}", n, args.budget_bytes_per_vector, args.build_memory)
+            b = builds[n]
+            print(f"built {n}: {b['index_key']} ({b['index_param']}), {b['build_seconds']} s ({b['build_cpu_seconds']} s CPU), peak {b['peak_rss_bytes'] / 2**20:.0f} MiB, "
+                  f"{b['bytes_per_vector']} bytes/vector", flush=True)
+        full = builds[args.count]
+        results["build"] = {n: {k: b[k] for k in ("index_key", "index_param", "build_seconds", "build_cpu_seconds", "peak_rss_bytes",
+                                                   "index_bytes", "bytes_per_vector", "within_budget")}
+                            for n, b in builds.items()}
+        results["build_memory_budget"] = args.build_memory
+        if len(builds) == 2:
+            (n1, b1), (n2, b2) = sorted(builds.items())
+            slope_s = (b2["build_seconds"] - b1["build_seconds"]) / (n2 - n1)
+            slope_cpu = (b2["build_cpu_seconds"] - b1["build_cpu_seconds"]) / (n2 - n1)
+            slope_m = (b2["peak_rss_bytes"] - b1["peak_rss_bytes"]) / (n2 - n1)
+            results["per_million_fit"] = {"add_seconds_per_million": round(slope_s * 1e6, 1),
+                                          "add_cpu_seconds_per_million": round(slope_cpu * 1e6, 1),
+                                          "fixed_cpu_seconds": round(b2["build_cpu_seconds"] - slope_cpu * n2, 1),
+                                          "fixed_seconds": round(b2["build_seconds"] - slope_s * n2, 1),
+                                          "memory_bytes_per_million": int(slope_m * 1e6),
+                                          "fixed_memory_bytes": int(b2["peak_rss_bytes"] - slope_m * n2)}
+        results["per_million_measured"] = {"build_seconds": round(full["build_seconds"] * 1e6 / args.count, 1),
+                                           "build_cpu_seconds": round(full["build_cpu_seconds"] * 1e6 / args.count, 1),
+                                           "peak_rss_bytes": int(full["peak_rss_bytes"] * 1e6 / args.count)}
+        source, index = work / f"set-{args.count}", work / f"index-{args.count}"
+        queries = synthetic.load_npy(str(source / "queries.npy"))
+        planted = synthetic.load_npy(str(source / "planted.npy"))
+        truth = exact_top(source, queries)
+        process, port = serve(index, args.threads)
+        try:
+            results["service_memory_after_load"] = memory_of(process.pid)
+            answers = [[r["id"] for r in query(port, q)] for q in queries]
+            results["recall_at_40"] = float(np.mean([len(set(a) & set(t)) / K for a, t in zip(answers, truth)]))
+            results["planted_recall_at_40"] = float(np.mean([len(set(a) & set(p)) / K for a, p in zip(answers, planted)]))
+            latencies = sorted(load_test(port, queries, args.clients, args.seconds))
+            results["requests"] = len(latencies)
+            results["latency_ms"] = {"p50": round(1000 * statistics.median(latencies), 1),
+                                     "p99": round(1000 * latencies[int(0.99 * (len(latencies) - 1))], 1),
+                                     "mean": round(1000 * statistics.fmean(latencies), 1)}
+            results["queries_per_second"] = round(len(latencies) / args.seconds, 1)
+            results["service_memory_after_queries"] = memory_of(process.pid)
+        finally:
+            process.terminate()
+            process.wait(timeout=30)
+        on_disk = (index / "image.index").stat().st_size + sum(p.stat().st_size for p in (index / "metadata").iterdir())
+        results["index_on_disk_bytes"] = on_disk
+        results["load_average_at_end"] = os.getloadavg()[0]
+    finally:
+        if not args.work:
+            shutil.rmtree(work, ignore_errors=True)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "knn_index.json").write_text(json.dumps(results, indent=1, default=str))
+    mem, disk = results["service_memory_after_queries"], results["index_on_disk_bytes"]
+    print(json.dumps(results, indent=1, default=str))
+    print(f"\nrecall@40 {results['recall_at_40']:.3f} (planted {results['planted_recall_at_40']:.3f}); "
+          f"p50 {results['latency_ms']['p50']} ms, p99 {results['latency_ms']['p99']} ms with {args.clients} clients; "
+          f"service RSS {mem['rss'] / 2**20:.0f} MiB ({mem['anon'] / 2**20:.0f} MiB its own, {mem['file'] / 2**20:.0f} MiB "
+          f"mapped pages) for {disk / 2**20:.0f} MiB on disk")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,227 @@
+"""Build a kNN index with autofaiss, in the folder layout `clip-retrieval back` serves, from clip-retrieval's
+embedding layout (`layout.py`) or from a clip_embed output (`from_clip_embed.py`). Runs in the index family's
+environment (autofaiss pins numpy<2: envs/index.in).
+
+    <output>/image.index              faiss index chosen and tuned by autofaiss under the memory budget (inner
+                                      product on L2-normalised vectors; memory-mappable: IVF, not HNSW), nprobe
+                                      stored in the file
+    <output>/metadata/metadata_<k>.arrow
+                                      Arrow IPC files, uncompressed, in the vectors' order: row i of their
+                                      concatenation describes vector i. Read memory-mapped by row id
+    <output>/infos.json               autofaiss's report: index key, search parameters, size, speed
+    <output>/index.json               written last (the index exists once it does): count, dim, sources and their
+                                      row ranges, the budget and what the build measured (time, peak memory)
+
+    python -m components.knn_index.build --config-json "$(cat config.json)"     # index.source -> index.output
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import pathlib
+import shutil
+import sys
+import tempfile
+import time
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from cnpipe import storage
+from components.knn_index import layout as layout_mod
+from components.knn_index.memory import PeakMemory, human, parse_size
+
+FORMAT = "cnpipe.knn_index/1"
+INDEX_FILE = "image.index"
+MARKER = "index.json"
+SOURCE_KINDS = ("auto", "clip_retrieval", "clip_embed")
+
+
+def log(message: str) -> None:
+    print(f"knn_index: {message}", file=sys.stderr, flush=True)
+
+
+def settings_key(cfg, source: str) -> str:
+    """What makes one index differ from another: the same key finds a finished index and skips the build."""
+    chosen = {k: getattr(cfg, k) for k in ("source_kind", "image_url_prefix", "metadata_columns", "dim",
+                                           "max_index_memory_usage", "max_index_query_time_ms",
+                                           "min_nearest_neighbors_to_retrieve", "index_key")}
+    return hashlib.sha256(json.dumps({"source": source, **chosen}, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def resolve_kind(source: str, kind: str) -> str:
+    if kind not in SOURCE_KINDS:
+        raise layout_mod.LayoutError(f"index.source_kind must be one of {', '.join(SOURCE_KINDS)}, not {kind!r}")
+    if kind != "auto":
+        return kind
+    if storage.exists(storage.join(source, "manifest.json")):
+        return "clip_embed"
+    return "clip_retrieval"
+
+
+def check_budget(cfg) -> tuple[int, int]:
+    try:
+        return parse_size(cfg.max_index_memory_usage), parse_size(cfg.current_memory_available)
+    except ValueError as err:
+        raise layout_mod.LayoutError(f"index.max_index_memory_usage / current_memory_available: {err}") from None
+
+
+def write_metadata(files: list[layout_mod.EmbeddingFile], columns: list[str], output: str) -> list[str]:
+    """Each metadata Parquet file as one uncompressed Arrow IPC file (memory-mappable), in the vectors' order; only
+    `columns` (those present), strings as large_string-free plain strings. Streams one file at a time."""
+    names = []
+    for number, file in enumerate(files):
+        fs, path = storage.filesystem(file.metadata)
+        with fs.open(path, "rb") as f:
+            parquet = pq.ParquetFile(f)
+            keep = [c for c in columns if c in parquet.schema_arrow.names]
+            table = parquet.read(columns=keep)
+        if table.num_rows != file.rows:
+            raise layout_mod.LayoutError(f"{file.metadata}: {table.num_rows} rows for {file.rows} vectors")
+        for name in columns:  # a column the set lacks is null, so that every file has one schema
+            if name not in keep:
+                table = table.append_column(name, pa.nulls(table.num_rows, pa.string()))
+        table = table.select(columns)
+        sink = pa.BufferOutputStream()
+        with pa.ipc.new_file(sink, table.schema) as writer:
+            writer.write_table(table, max_chunksize=65536)
+        name = f"metadata_{number:05d}.arrow"  # zero-padded: clip-retrieval back and we read them in sorted order
+        storage.write_bytes_atomic(storage.join(output, "metadata", name), sink.getvalue().to_pybytes())
+        names.append(name)
+    return names
+
+
+def run_autofaiss(cfg, embeddings_folder: str, work: pathlib.Path) -> tuple[dict, int]:
+    """(autofaiss's infos, vectors in the index) for the index it builds at work/image.index."""
+    from autofaiss import build_index
+
+    logging.getLogger("autofaiss").setLevel(logging.INFO)
+    index, infos = build_index(
+        embeddings=embeddings_folder,
+        index_path=str(work / INDEX_FILE),
+        index_infos_path=str(work / "infos.json"),
+        file_format="npy",
+        max_index_memory_usage=cfg.max_index_memory_usage,
+        current_memory_available=cfg.current_memory_available,
+        max_index_query_time_ms=cfg.max_index_query_time_ms,
+        min_nearest_neighbors_to_retrieve=cfg.min_nearest_neighbors_to_retrieve,
+        index_key=cfg.index_key or None,
+        metric_type="ip",
+        should_be_memory_mappable=True,  # IVF (inverted lists read from the mapped file), never HNSW
+        nb_cores=cfg.nb_cores or None,
+        save_on_disk=True,
+        verbose=logging.INFO,
+    )
+    if index is None:
+        raise RuntimeError("autofaiss built no index (see its log above)")
+    return infos or {}, int(index.ntotal)
+
+
+def build(cfg, source: str, output: str, force: bool = False) -> dict:
+    """Build the index of `source` into `output`; returns what index.json says. A finished index with the same
+    source and settings is kept (`force` rebuilds)."""
+    if not source or not output:
+        raise layout_mod.LayoutError("set index.source (the embeddings) and index.output (where the index goes)")
+    max_index, budget = check_budget(cfg)
+    key = settings_key(cfg, source)
+    marker = storage.join(output, MARKER)
+    if not force and storage.exists(marker) and storage.read_json(marker).get("settings_key") == key:
+        log(f"{output} already holds this index (index.json; rebuild with --force)")
+        return storage.read_json(marker)
+    kind = resolve_kind(source, cfg.source_kind)
+    started, cpu_started = time.time(), _cpu_seconds()
+    with PeakMemory() as peak:
+        columns = list(dict.fromkeys(["url", *cfg.metadata_columns]))
+        if kind == "clip_embed":
+            from components.knn_index import from_clip_embed
+
+            staged = storage.join(output, "_embeddings")
+            from_clip_embed.check(source, cfg)  # every problem before anything is written
+            log(f"writing the clip_embed output {source} in clip-retrieval's layout under {staged}")
+            from_clip_embed.write_layout(source, staged, cfg)
+            embeddings_source = staged
+        else:
+            embeddings_source = source
+        found = layout_mod.check(embeddings_source, expect_dim=cfg.dim, check_rows=cfg.check_rows,
+                                 norm_tolerance=cfg.norm_tolerance)
+        log(f"{found.count} vectors of dimension {found.dim} ({found.files[0].dtype}) in {len(found.files)} files; "
+            f"index of at most {human(max_index)}, built within {human(budget)}")
+        if storage.exists(marker):  # a rebuild: the old index stops being one before its files change
+            storage.filesystem(marker)[0].rm(storage.filesystem(marker)[1])
+        metadata_files = write_metadata(found.files, columns, output)
+        with tempfile.TemporaryDirectory(prefix="knn-index-") as tmp:
+            work = pathlib.Path(tmp)
+            infos, total = run_autofaiss(cfg, found.embeddings_folder, work)
+            if total != found.count:
+                raise RuntimeError(f"autofaiss indexed {total} vectors of {found.count}: the metadata would not align")
+            index_bytes = (work / INDEX_FILE).stat().st_size
+            _put(work / INDEX_FILE, storage.join(output, INDEX_FILE))
+            storage.write_json_atomic(storage.join(output, "infos.json"), infos)
+    first = 0
+    sources = []
+    for file in found.files:
+        sources.append({"embeddings": file.embeddings, "metadata": file.metadata, "rows": file.rows, "first_id": first})
+        first += file.rows
+    summary = {
+        "format": FORMAT, "settings_key": key, "source": source, "source_kind": kind, "count": found.count,
+        "dim": found.dim, "metric": "inner_product", "index_key": infos.get("index_key", ""),
+        "index_param": infos.get("index_param", ""), "index_bytes": index_bytes,
+        "bytes_per_vector": round(index_bytes / found.count, 2), "metadata_columns": columns,
+        "metadata_files": metadata_files, "sources": sources, "max_index_memory_usage": cfg.max_index_memory_usage,
+        "current_memory_available": cfg.current_memory_available, "build_seconds": round(time.time() - started, 1),
+        "build_cpu_seconds": round(_cpu_seconds() - cpu_started, 1),
+        "peak_rss_bytes": peak.bytes, "within_budget": peak.bytes <= budget,
+    }
+    storage.write_json_atomic(marker, summary)
+    note = "" if summary["within_budget"] else f" (over the budget of {human(budget)}: raise index.current_memory_available)"
+    log(f"built {output}: {summary['index_key']} ({summary['index_param'] or 'no search parameters'}), "
+        f"{human(index_bytes)} ({summary['bytes_per_vector']} bytes/vector), {summary['build_seconds']} s, "
+        f"peak memory {human(peak.bytes)}{note}")
+    return summary
+
+
+def _cpu_seconds() -> float:
+    """User + system CPU time of this process (autofaiss and faiss run in it) and of children it waited for."""
+    import resource
+
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+def _put(local: pathlib.Path, url: str) -> None:
+    """Move a local file to `url` (a local path: renamed within its file system when it can be; else uploaded)."""
+    fs, path = storage.filesystem(url)
+    if storage._is_local(fs):  # noqa: SLF001 - the same test the storage layer uses
+        target = pathlib.Path(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".tmp-{os.getpid()}-{target.name}")
+        shutil.move(str(local), tmp)
+        os.replace(tmp, target)
+    else:
+        fs.put_file(str(local), path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    import pipeline_configs
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config-json", required=True, help="a whole PipelineConfig as JSON (its index section is used)")
+    parser.add_argument("--force", action="store_true", help="rebuild even if the output holds this index")
+    args = parser.parse_args(argv)
+    config = pipeline_configs.from_json(args.config_json)
+    cfg = config.index
+    try:
+        build(cfg, cfg.source, cfg.output, force=args.force)
+    except layout_mod.LayoutError as err:
+        print(f"index: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    with contextlib.suppress(BrokenPipeError):
+        sys.exit(main())

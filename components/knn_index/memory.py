@@ -1,0 +1,62 @@
+"""Peak resident memory of this process and its children, sampled in a thread (psutil), and memory sizes as
+autofaiss writes them ("16G", "512MB")."""
+from __future__ import annotations
+
+import re
+import threading
+
+_UNITS = {"": 1, "B": 1, "K": 2**10, "KB": 2**10, "M": 2**20, "MB": 2**20, "G": 2**30, "GB": 2**30, "T": 2**40, "TB": 2**40}
+
+
+def parse_size(text: str) -> int:
+    """Bytes in "16G", "512MB", "1.5GB", "100B": the forms autofaiss's cast_memory_to_bytes takes (binary units)."""
+    match = re.fullmatch(r"([0-9]*\.[0-9]+|[0-9]+)(B|[KMGT]B?)", str(text).upper())
+    if not match:
+        raise ValueError(f"{text!r} is not a memory size as autofaiss takes them: a number and a unit, like 16G, 512MB, 1.5GB")
+    return int(float(match.group(1)) * _UNITS[match.group(2)])
+
+
+def human(size: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(size) < 1024 or unit == "TiB":
+            return f"{size:.1f} {unit}" if unit != "B" else f"{int(size)} B"
+        size /= 1024
+    return f"{size:.1f} TiB"
+
+
+class PeakMemory:
+    """`with PeakMemory() as peak: ...; peak.bytes`: the largest RSS (this process plus its children) seen."""
+
+    def __init__(self, pid: int | None = None, every_s: float = 0.1):
+        import psutil
+
+        self.process = psutil.Process(pid)
+        self.every_s, self.bytes = every_s, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+
+    def sample(self) -> int:
+        import psutil
+
+        total = 0
+        for proc in [self.process, *self.process.children(recursive=True)]:
+            try:
+                total += proc.memory_info().rss
+            except psutil.Error:  # a child that ended between the listing and the read
+                pass
+        self.bytes = max(self.bytes, total)
+        return total
+
+    def _watch(self) -> None:
+        while not self._stop.wait(self.every_s):
+            self.sample()
+
+    def __enter__(self) -> "PeakMemory":
+        self.sample()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.sample()
