@@ -70,7 +70,8 @@ def line_plot(series: dict[str, list[tuple[float, float]]], title: str, xlabel: 
             draw.line(pts, fill=colour, width=2)
         elif pts:
             draw.ellipse([pts[0][0] - 2, pts[0][1] - 2, pts[0][0] + 2, pts[0][1] + 2], fill=colour)
-        draw.text((x1 - 150, y0 + 6 + 14 * i), f"— {name}", fill=colour, font=font)
+        draw.line([x1 - 160, y0 + 12 + 14 * i, x1 - 146, y0 + 12 + 14 * i], fill=colour, width=3)
+        draw.text((x1 - 140, y0 + 6 + 14 * i), name, fill=colour, font=font)
     return _png(image)
 
 
@@ -110,7 +111,8 @@ def bar_plot(groups: dict[str, dict[str, float | None]], title: str, ylabel: str
                 draw.text((bx, y_of(value) - 12), f"{value:.2f}", fill="black", font=font)
             draw.text((left, y1 + 6), group, fill="black", font=font)
         for i, name in enumerate(names):
-            draw.text((x1 - 170, y0 + 6 + 14 * i), f"■ {name}", fill=COLOURS[i % len(COLOURS)], font=font)
+            draw.rectangle([x1 - 170, y0 + 8 + 14 * i, x1 - 162, y0 + 16 + 14 * i], fill=COLOURS[i % len(COLOURS)])
+            draw.text((x1 - 156, y0 + 6 + 14 * i), name, fill=COLOURS[i % len(COLOURS)], font=font)
     return _png(image)
 
 
