@@ -26,6 +26,7 @@ import http.client
 import json
 import os
 import pathlib
+import re
 import shutil
 import statistics
 import subprocess
@@ -65,6 +66,9 @@ def build(source: pathlib.Path, output: pathlib.Path, count: int, bytes_per_vect
         sys.exit(f"build failed:\n{done.stderr[-4000:]}")
     summary = json.loads((output / "index.json").read_text())
     summary["wall_seconds"] = round(time.time() - started, 1)
+    # autofaiss's own phase timings (training, adding, tuning nprobe, measuring), from its log
+    summary["phases_seconds"] = {name: float(secs) for name, secs in
+                                 re.findall(r'>>> Finished "(?:-> )?([^"]+?)(?: \S*image\.index)?" in ([0-9.]+) secs', done.stderr)}
     return summary
 
 
@@ -175,7 +179,7 @@ def main() -> None:
                   f"{b['bytes_per_vector']} bytes/vector", flush=True)
         full = builds[args.count]
         results["build"] = {n: {k: b[k] for k in ("index_key", "index_param", "build_seconds", "build_cpu_seconds", "peak_rss_bytes",
-                                                   "index_bytes", "bytes_per_vector", "within_budget")}
+                                                   "index_bytes", "bytes_per_vector", "within_budget", "phases_seconds")}
                             for n, b in builds.items()}
         results["build_memory_budget"] = args.build_memory
         if len(builds) == 2:

@@ -76,15 +76,14 @@ def serve_command(config) -> list[str]:
 
 
 def serve(config) -> int:
-    """Serve in the foreground until Ctrl-C."""
+    """Serve in the foreground until Ctrl-C or SIGTERM (returns only when there is nothing to serve)."""
     if not config.index.output or not storage.exists(storage.join(config.index.output, "index.json")):
         print(f"serve-index: no index at {config.index.output!r} (index.json missing): build it first with "
               f"`python pipeline.py index --preset {config.name}`", file=sys.stderr)
         return 2
-    try:
-        return subprocess.run(serve_command(config), env=_env(), cwd=REPO_ROOT).returncode
-    except KeyboardInterrupt:
-        return 0
+    command = serve_command(config)
+    os.chdir(REPO_ROOT)
+    os.execve(command[0], command, _env())  # this process becomes the server: Ctrl-C and SIGTERM reach it directly
 
 
 def apply(config) -> int:

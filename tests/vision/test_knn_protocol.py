@@ -85,7 +85,9 @@ def expected_order(vectors: np.ndarray, query: np.ndarray) -> list[int]:
 
 def test_index_files_are_clip_retrieval_layout(tmp_path, vectors):
     knn_index.build(vectors[:3], ["u0", "u1", "u2"], ["c0", "c1", "c2"], str(tmp_path / "idx"))
-    assert sorted(p.name for p in (tmp_path / "idx").iterdir()) == ["image.index", "metadata.parquet"]
+    # clip-retrieval back's folder (--use_arrow): image.index, and metadata/ whose Arrow files, in name order, hold row i
+    assert sorted(p.name for p in (tmp_path / "idx").iterdir()) == ["image.index", "metadata"]
+    assert [p.name for p in (tmp_path / "idx" / "metadata").iterdir()] == ["metadata_00000.arrow"]
     loaded = knn_index.KnnIndex(str(tmp_path / "idx"))
     assert loaded.dim == vectors.shape[1] and loaded.index.ntotal == 3
     with pytest.raises(ValueError, match="dimensions"):
