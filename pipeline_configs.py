@@ -535,37 +535,6 @@ def embedded_depth(assets: str = EMBEDDED_ASSETS) -> PipelineConfig:
     return config
 
 
-def embedded_fill(assets: str = EMBEDDED_ASSETS) -> PipelineConfig:
-    """Where learning shows on two CPU cores: the fill domain (cnpipe/embedded/fill.py, in the spirit of fill50k: a
-    filled circle of one colour on a background of another, the prompt naming both, canny of the image its outline)
-    and a tiny SD-style base pretrained on it, both made once under <assets>/fill/ by `prepare_embedded`. Retrieval
-    contributes nothing (no prompts, no image queries: the pool's photos are not of this domain), so the generated
-    folder is the dataset; Canny at the images' own 64 px."""
-    config = embedded(assets)
-    config.name = "embedded-fill"
-    config.hub_load.source = f"{assets}/fill/seeds"
-    config.hub_load.rows_per_shard = 128
-    config.hub_load.encode_format = "png"
-    config.retrieval.prompts = []
-    config.retrieval.use_image_seeds = False
-    config.conditioning.types = ["canny"]
-    config.conditioning.detect_resolution = 0
-    config.base_model.path = f"{assets}/fill/tiny-sd-fill"
-    config.encode.holdout_fraction = 0.02
-    config.encode.batch_size = 32
-    config.train = TrainConfig(
-        max_steps=600, global_batch_size=16, learning_rate=5e-4, warmup_steps=50, lr_schedule="constant",
-        ema_decay=0.0, checkpoint_every=300, log_every=10, conditioning_embedding_out_channels=[16, 16, 32, 32],
-        validation_rows=0,
-    )
-    config.evaluate = EvaluateConfig(
-        num_samples=8, num_inference_steps=20, guidance_scale=3.0, batch_size=8, use_ema=False,
-        clip_model=f"{assets}/models/tiny-clip", device="cpu",
-    )
-    config.report.sample_rows = 6
-    return config
-
-
 OWN_INDEX_PORT = 48722  # the embedded-own-index preset's served index (loopback)
 
 
@@ -592,8 +561,7 @@ def embedded_fill(assets: str = EMBEDDED_ASSETS) -> PipelineConfig:
     filled circle of one colour on a background of another, the prompt naming both, canny of the image its outline)
     and a tiny SD-style base pretrained on it, both made once under <assets>/fill/ by `prepare_embedded`. Retrieval
     contributes nothing (no prompts, no image queries: the pool's photos are not of this domain), so the generated
-    folder is the dataset; curate is off (synthetic, no duplicates to find, and pHash would call circles of one
-    colour pair near duplicates). Canny at the images' own 64 px."""
+    folder is the dataset; Canny at the images' own 64 px."""
     config = embedded(assets)
     config.name = "embedded-fill"
     config.hub_load.source = f"{assets}/fill/seeds"
@@ -601,7 +569,6 @@ def embedded_fill(assets: str = EMBEDDED_ASSETS) -> PipelineConfig:
     config.hub_load.encode_format = "png"
     config.retrieval.prompts = []
     config.retrieval.use_image_seeds = False
-    config.curate.enabled = False
     config.conditioning.types = ["canny"]
     config.conditioning.detect_resolution = 0
     config.base_model.path = f"{assets}/fill/tiny-sd-fill"
