@@ -95,6 +95,11 @@ def memory_of(pid: int) -> dict:
     return {"rss": kib.get("VmRSS", 0), "anon": kib.get("RssAnon", 0), "file": kib.get("RssFile", 0)}
 
 
+def cpu_seconds_of(pid: int) -> float:
+    fields = pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
+
 def serve(index: pathlib.Path, threads: int) -> tuple[subprocess.Popen, int]:
     ready = index.parent / "ready.json"
     ready.unlink(missing_ok=True)
@@ -206,7 +211,13 @@ def main() -> None:
             answers = [[r["id"] for r in query(port, q)] for q in queries]
             results["recall_at_40"] = float(np.mean([len(set(a) & set(t)) / K for a, t in zip(answers, truth)]))
             results["planted_recall_at_40"] = float(np.mean([len(set(a) & set(p)) / K for a, p in zip(answers, planted)]))
+            single = sorted(load_test(port, queries, 1, min(10.0, args.seconds)))
+            results["latency_ms_one_client"] = {"p50": round(1000 * statistics.median(single), 1),
+                                                "p99": round(1000 * single[int(0.99 * (len(single) - 1))], 1)}
+            cpu_before = cpu_seconds_of(process.pid)
             latencies = sorted(load_test(port, queries, args.clients, args.seconds))
+            # the service's own CPU per answered query: what a pod of n cores serves, whatever else ran here meanwhile
+            results["service_cpu_ms_per_query"] = round(1000 * (cpu_seconds_of(process.pid) - cpu_before) / len(latencies), 2)
             results["requests"] = len(latencies)
             results["latency_ms"] = {"p50": round(1000 * statistics.median(latencies), 1),
                                      "p99": round(1000 * latencies[int(0.99 * (len(latencies) - 1))], 1),
@@ -227,7 +238,8 @@ def main() -> None:
     mem, disk = results["service_memory_after_queries"], results["index_on_disk_bytes"]
     print(json.dumps(results, indent=1, default=str))
     print(f"\nrecall@40 {results['recall_at_40']:.3f} (planted {results['planted_recall_at_40']:.3f}); "
-          f"p50 {results['latency_ms']['p50']} ms, p99 {results['latency_ms']['p99']} ms with {args.clients} clients; "
+          f"p50 {results['latency_ms']['p50']} ms, p99 {results['latency_ms']['p99']} ms with {args.clients} clients "
+          f"({results['service_cpu_ms_per_query']} ms of service CPU per query; load average {results['load_average_at_end']:.1f}); "
           f"service RSS {mem['rss'] / 2**20:.0f} MiB ({mem['anon'] / 2**20:.0f} MiB its own, {mem['file'] / 2**20:.0f} MiB "
           f"mapped pages) for {disk / 2**20:.0f} MiB on disk")
 

@@ -1,8 +1,13 @@
 """Serve a kNN index over clip-retrieval's HTTP API (`POST /knn-service`, `GET /indices-list`).
 
-We serve the API ourselves instead of running `clip-retrieval back`: its pins (numpy<2, pyarrow<16,
-torchvision) cannot share an environment with the rest, and we need the pipeline's own CLIP model
-(any transformers CLIP, tiny ones included) to embed text queries. Binds loopback unless told otherwise.
+We serve the API ourselves instead of running `clip-retrieval back`: clip-retrieval 2.45 pins numpy<2, pyarrow<16,
+torch, torchvision, open-clip-torch, sentence-transformers, wandb and img2dataset, which cannot share an environment
+with the rest (every family is on numpy 2), and at start it loads its CLIP model through all_clip, from the internet;
+we need the pipeline's own CLIP model (any transformers CLIP, tiny ones included) to embed text queries.
+The index folders we serve are clip-retrieval back's own (`--enable_faiss_memory_mapping True --use_arrow True`):
+bench/knn_clip_back.py installs clip-retrieval 2.45.0 in a throwaway environment and drives its loading and query
+code (load_index, ArrowMetadataProvider, KnnService.query) over a folder `pipeline.py index` built: the same ids and
+URLs as here. Binds loopback unless told otherwise (a pod: --allow-public-bind).
 """
 from __future__ import annotations
 
