@@ -13,7 +13,7 @@ import pathlib
 import sys
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
-ORDER = ["conditioning", "download", "clip_blip", "memory", "end_to_end", "train_step"]
+ORDER = ["conditioning", "download", "clip_blip", "memory", "end_to_end", "train_step", "train_memory"]
 
 
 def met(ok: bool) -> str:
@@ -128,6 +128,44 @@ def train_step(r: dict) -> list[str]:
                   f"{b['seconds_per_checkpoint_save']} s per checkpoint save (orbax, asynchronous). Compile of our step "
                   f"{step['our_compile_s']:.1f} s (excluded on both sides). CPU ms per image ours / PyTorch: "
                   f"{step['ours']['cpu_ms_per_item']:.1f} / {step['reference']['cpu_ms_per_item']:.1f}.", ""]
+
+
+def train_memory(r: dict) -> list[str]:
+    out = []
+    c = r.get("compile") or {}
+    if c.get("results"):
+        batches = sorted({x["per_device_batch"] for x in c["results"]})
+        chips = " / ".join(f"{chip} {gib}" for chip, gib in r["capacity_gib"].items())
+        params = "; ".join(f"{r['models'][m]}: ControlNet {p['controlnet'] / 1e6:.0f} M, UNet {p['unet'] / 1e6:.0f} M parameters"
+                           for m, p in c["parameters"].items())
+        out += [f"**Training memory per device** (`bench/train_memory.py`, compile only): the trainer's step compiled for "
+                f"{r['devices']} virtual CPU devices, bf16 compute, AdamW + EMA, fp32 state, frozen bf16 UNet replicated; "
+                f"XLA's memory analysis per device: arguments + outputs - donated aliases + temporaries ({params}). "
+                f"*State*: fp32 weights, both AdamW moments and EMA on one device (exact). Totals are XLA:CPU's "
+                f"(sequential memory scheduler): it schedules checkpointed recomputation early and computes some bf16 in "
+                f"fp32, so checkpointing shows little here; TPUs also pad to tiles. '-': not compiled in this run.", ""]
+        rows = []
+        for f in c["fits"]:
+            totals = " / ".join(f"{f['total_gib'][str(b)]:.1f}" if str(b) in f["total_gib"] else "-" for b in batches)
+            measured = sorted(int(b) for b in f["total_gib"])
+            largest = " / ".join(
+                (f"≥ {n}" if n == measured[-1] else str(n)) if n else f"< {measured[0]}" for n in f["largest_batch"].values())
+            rows.append([r["models"][f["model"]], f["layout"], "on" if f["gradient_checkpointing"] else "off", f["state_gib"],
+                         f["unet_gib"], totals, largest])
+        out += table(["model", "state", "checkpointing", "state GiB", "UNet GiB", "total GiB at batch/device " + " / ".join(map(str, batches)),
+                      f"largest batch/device that fits {chips} GiB"], rows)
+    s = r.get("state")
+    if s:
+        out += [f"**Training state on CPU** (`bench/train_memory.py --part state`): {s['base']} at {s['resolution']} px, "
+                f"{s['per_device_batch']} rows per device, the stage's build_training on 1/2/4/8 of 8 virtual CPU devices: the "
+                f"state's bytes on one device (measured on the arrays) and the bare step's time sharded ÷ replicated "
+                f"(interleaved, best of {s['repeats']}; the devices share the machine's cores).", ""]
+        rows = [[x["devices"], f"{x['replicated_state_bytes'] / 2**20:.2f}", f"{x['sharded_state_bytes'] / 2**20:.2f}",
+                 f"{x['replicated_state_bytes'] / x['sharded_state_bytes']:.2f}",
+                 f"{x['step_time_ratio_sharded_over_replicated']['best']:.2f} / {x['step_time_ratio_sharded_over_replicated']['median']:.2f}"]
+                for x in s["results"]]
+        out += table(["devices", "state MiB/device replicated", "sharded", "replicated ÷ sharded", "step time sharded ÷ replicated best / median"], rows)
+    return out
 
 
 def machine_lines(results: dict) -> list[str]:

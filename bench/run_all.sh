@@ -2,11 +2,12 @@
 # Every benchmark in its stage family's environment, then one combined Markdown table (bench/report.py),
 # also written to bench/results/report.md.
 # Usage: bash bench/run_all.sh [name ...]   names: conditioning download clip_blip memory end_to_end train_step (default: all)
+#        and train_memory (compile-only real-size memory, long on a small CPU machine: only when named)
 # Options for one script: BENCH_ARGS_<name>, e.g. BENCH_ARGS_conditioning="--images 400" bash bench/run_all.sh conditioning
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-declare -A FAMILY=([conditioning]=conditioning [download]=download [clip_blip]=vision [memory]=core [end_to_end]=core [train_step]=train)
+declare -A FAMILY=([conditioning]=conditioning [download]=download [clip_blip]=vision [memory]=core [end_to_end]=core [train_step]=train [train_memory]=train)
 names=${*:-"conditioning download clip_blip memory end_to_end train_step"}
 failed=()
 for name in $names; do

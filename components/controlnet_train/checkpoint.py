@@ -91,7 +91,9 @@ class Checkpoints:
         return meta
 
     def restore(self, step: int, like):
-        """The saved state, placed with the shardings of `like` (a state of the same structure)."""
+        """The saved state, placed with the shardings of `like` (a state of the same structure): a checkpoint
+        written replicated or sharded, on any device count, resumes in this run's layout (orbax reads each
+        device's slice of the global arrays)."""
         import jax
 
         abstract = jax.tree.map(self.ocp.utils.to_shape_dtype_struct, like)

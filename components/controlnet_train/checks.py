@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import math
 
+from components.controlnet_train.distributed import SHARD_STATE
+
 
 class TrainInputError(ValueError):
     """This training run cannot start; the message says which setting or shape and why."""
@@ -25,6 +27,8 @@ def check_config(config) -> None:
         problems.append(f"train.lr_schedule={t.lr_schedule!r}; choose one of {', '.join(SCHEDULES)}")
     if t.compute_dtype not in DTYPES:
         problems.append(f"train.compute_dtype={t.compute_dtype!r}; choose one of {', '.join(DTYPES)}")
+    if t.shard_state not in SHARD_STATE:
+        problems.append(f"train.shard_state={t.shard_state!r}; choose one of {', '.join(SHARD_STATE)}")
     if not 0 <= t.ema_decay < 1:
         problems.append(f"train.ema_decay={t.ema_decay} must be in [0, 1) (0 turns EMA off)")
     if not 0 <= t.caption_dropout < 1:

@@ -1,8 +1,10 @@
 """Devices and hosts: jax.distributed start-up, the 1-D data mesh, and moving arrays on and off it.
 
 Data parallelism with jax.sharding: the batch is split along the mesh's 'data' axis over every
-device of every host, parameters and optimizer state are replicated; XLA inserts the gradient
-all-reduce. Each host hands in only its own rows (make_array_from_process_local_data).
+device of every host; XLA inserts the collectives. Each host hands in only its own rows
+(make_array_from_process_local_data). The training state (fp32 weights, AdamW moments, EMA) is
+either replicated or, ZeRO-style, sharded along the same axis (`state_shardings`): each device then
+holds 1/N of it, and the step gathers a compute copy and reduce-scatters the gradients.
 """
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import os
 import numpy as np
 
 DATA_AXIS = "data"
+SHARD_STATE = ("auto", "sharded", "replicated")
 
 
 class DistributedConfigError(ValueError):
@@ -41,11 +44,55 @@ def initialize(num_processes: int, coordinator_address: str) -> None:
     jax.distributed.initialize(coordinator_address=address, num_processes=num_processes, process_id=int(process_id))
 
 
-def data_mesh():
+def data_mesh(devices=None):
     import jax
     from jax.sharding import Mesh
 
-    return Mesh(np.asarray(jax.devices()), (DATA_AXIS,))
+    return Mesh(np.asarray(devices if devices is not None else jax.devices()), (DATA_AXIS,))
+
+
+def shard_state_on(setting: str, device_count: int) -> bool:
+    """train.shard_state: 'auto' shards wherever there is more than one device (on one, both layouts are the same)."""
+    return setting == "sharded" or (setting == "auto" and device_count > 1)
+
+
+def sharded_spec(shape: tuple[int, ...], count: int):
+    """The leaf's largest dimension divisible by `count` carries the data axis; a leaf with none stays replicated."""
+    from jax.sharding import PartitionSpec
+
+    dims = [i for i, n in enumerate(shape) if n >= count and n % count == 0]
+    if count == 1 or not dims:
+        return PartitionSpec()
+    best = max(dims, key=lambda i: shape[i])  # the first of equals
+    return PartitionSpec(*(DATA_AXIS if i == best else None for i in range(len(shape))))
+
+
+def state_shardings(mesh, tree, shard: bool):
+    """One NamedSharding per leaf of a params-like tree (arrays or shape structs): sharded per `sharded_spec`, or replicated."""
+    import jax
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    count = mesh.devices.size
+    return jax.tree.map(lambda x: NamedSharding(mesh, sharded_spec(tuple(x.shape), count) if shard else PartitionSpec()), tree)
+
+
+def place(tree, shardings):
+    """Host values (identical on every host) -> global arrays with the given shardings; each device gets only its slice."""
+    import jax
+
+    def one(x, sharding):
+        x = np.asarray(x)
+        return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+    return jax.tree.map(one, tree, shardings)
+
+
+def bytes_per_device(tree) -> int:
+    """Bytes of the tree's arrays on this host's first device (its shard of sharded leaves, all of replicated ones)."""
+    import jax
+
+    device = jax.local_devices()[0]
+    return sum(s.data.nbytes for x in jax.tree.leaves(tree) for s in x.addressable_shards if s.device == device)
 
 
 def replicated(mesh):
@@ -80,7 +127,19 @@ def replicate(mesh, tree):
 
 
 def to_host(tree):
-    """Replicated global arrays -> numpy on this host (every host holds a full copy)."""
+    """Global arrays -> numpy on this host. Replicated ones are read from one local device; sharded ones are
+    assembled from this host's shards, or, where other hosts hold some, first gathered (one program for the tree)."""
     import jax
 
-    return jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), tree)
+    remote = [x for x in jax.tree.leaves(tree) if not x.is_fully_replicated and not x.is_fully_addressable]
+    gathered = {}
+    if remote:
+        mesh = remote[0].sharding.mesh
+        copies = jax.jit(lambda xs: xs, out_shardings=replicated(mesh))(remote)
+        gathered = {id(x): c for x, c in zip(remote, copies)}
+
+    def one(x):
+        x = gathered.get(id(x), x)
+        return np.asarray(x.addressable_data(0)) if x.is_fully_replicated else np.asarray(x)
+
+    return jax.tree.map(one, tree)

@@ -76,25 +76,16 @@ def build_training(t, base, controlnet, scheduler_config: dict, uncond, mesh, dt
     Exactly what the stage trains with; bench/train_step.py times this very step as the bare step.
     """
     import jax
-    from diffusers import FlaxDDPMScheduler
 
-    from components.controlnet_train.step import StepSettings, diffusion_loss_fn, init_state, lr_schedule, make_optimizer, make_train_step
+    from components.controlnet_train.step import init_state, state_layout, train_step_for
 
-    schedule = lr_schedule(t.learning_rate, t.warmup_steps, t.max_steps, t.lr_schedule)
-    tx = make_optimizer(schedule, t.adam_b1, t.adam_b2, t.weight_decay, t.max_grad_norm)
+    tx, step_for = train_step_for(t, base.unet, controlnet, scheduler_config, uncond, mesh, dtype)
     params = model.init_controlnet_from_unet(controlnet, base.unet_params, t.seed)
-    state = init_state(distributed.replicate(mesh, params), tx, t.seed, t.ema_decay > 0, mesh)
+    shard = distributed.shard_state_on(t.shard_state, mesh.devices.size)
+    state = init_state(params, tx, t.seed, t.ema_decay > 0, mesh, shard)
     # The frozen UNet is stored in the compute dtype: its matmuls run there anyway, memory halves on accelerators.
     unet_params = distributed.replicate(mesh, jax.tree.map(lambda x: np.asarray(x).astype(dtype), base.unet_params))
-    scheduler = FlaxDDPMScheduler.from_config(scheduler_config)
-    noise_state = jax.tree.map(np.asarray, scheduler.create_state())
-    settings = StepSettings(
-        grad_accum_steps=t.grad_accum_steps, ema_decay=t.ema_decay, caption_dropout=t.caption_dropout,
-        gradient_checkpointing=t.gradient_checkpointing, prediction_type=scheduler.config.prediction_type,
-        num_train_timesteps=scheduler.config.num_train_timesteps,
-    )
-    loss_fn = diffusion_loss_fn(base.unet, controlnet, scheduler, noise_state, settings, uncond)
-    return state, unet_params, make_train_step(loss_fn, tx, schedule, settings, mesh)
+    return state, unet_params, step_for(state_layout(state))
 
 
 def _train(config, data, folder, unet_config, scheduler_config, vae_config, controlnet_config, fingerprint,
@@ -131,11 +122,12 @@ def _train(config, data, folder, unet_config, scheduler_config, vae_config, cont
         log.close()
 
     exported = {}
+    # Every host takes part: a state sharded over hosts is gathered collectively; only the primary writes.
+    raw = distributed.to_host(state.params)
+    final = distributed.to_host(state.ema_params) if t.ema_decay > 0 else raw
     if primary:
         from components.controlnet_train.export import export_controlnet
 
-        raw = distributed.to_host(state.params)
-        final = distributed.to_host(state.ema_params) if t.ema_decay > 0 else raw
         for name, weights in (("controlnet", final), ("controlnet_raw", raw)):
             uri = storage.join(output_uri, name)
             export_controlnet(weights, folder, t.conditioning_embedding_out_channels, uri)
@@ -150,6 +142,8 @@ def _train(config, data, folder, unet_config, scheduler_config, vae_config, cont
         "devices": jax.device_count(),
         "processes": jax.process_count(),
         "compute_dtype": jnp.dtype(dtype).name,
+        "shard_state": "sharded" if distributed.shard_state_on(t.shard_state, jax.device_count()) else "replicated",
+        "state_bytes_per_device": distributed.bytes_per_device(state),
         "train_rows": data.num_train,
         "heldout_rows": data.heldout_count,
         "final_loss": progress.last.get("loss", log.records[-1]["loss"] if log.records else None),

@@ -3,7 +3,10 @@
 One call = one optimizer step on one global batch: the batch is cut into `grad_accum_steps`
 micro-batches scanned in sequence (gradients summed on device), the ControlNet's residuals feed
 the frozen UNet, and the loss is the DDPM objective (epsilon or v, as the base's scheduler says).
-Master weights, optimizer state and EMA stay fp32; the models compute in the compute dtype.
+Master weights, optimizer state and EMA stay fp32, replicated or sharded over the devices (the
+layout is the state's shardings: `init_state`); every step the models compute with a copy of the
+weights cast to the compute dtype and gathered on every device, and the gradients are brought back
+to the state's layout (a reduce-scatter when sharded) before the optimizer and EMA update their shard.
 A step whose loss or gradient is not finite changes nothing and records its number, so no
 checkpoint ever holds NaNs; the host notices at its next log or checkpoint and stops.
 """
@@ -15,9 +18,11 @@ from typing import Any
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
+from components.controlnet_train import distributed
 from components.controlnet_train.distributed import DATA_AXIS, batch_sharded, replicated
 from components.controlnet_train.remat import rematerialized_blocks
 
@@ -39,6 +44,7 @@ class StepSettings:
     gradient_checkpointing: bool
     prediction_type: str  # epsilon | v_prediction
     num_train_timesteps: int
+    compute_dtype: str = "float32"  # the weights' copy the models run with (the master stays fp32)
 
 
 def lr_schedule(learning_rate: float, warmup_steps: int, max_steps: int, kind: str) -> optax.Schedule:
@@ -59,13 +65,29 @@ def make_optimizer(schedule: optax.Schedule, b1: float, b2: float, weight_decay:
     return optax.chain(clip, optax.adamw(schedule, b1=b1, b2=b2, weight_decay=weight_decay))
 
 
-def init_state(params, tx, seed: int, ema: bool, mesh) -> TrainState:
-    """`params`: replicated global arrays. Everything derived on device with replicated outputs."""
+def layout_for(params, tx, ema: bool, mesh, shard: bool) -> TrainState:
+    """The state's shardings from the ControlNet's param shapes alone: weights, both AdamW moments and EMA
+    sharded (`distributed.state_shardings`) or replicated; step, RNG key and the non-finite marker replicated."""
     repl = replicated(mesh)
-    opt_state = jax.jit(tx.init, out_shardings=repl)(params)
-    ema_params = jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=repl)(params) if ema else {}
+    param_shardings = distributed.state_shardings(mesh, params, shard)
+    opt_shardings = distributed.state_shardings(mesh, jax.eval_shape(tx.init, params), shard)
+    return TrainState(step=repl, params=param_shardings, opt_state=opt_shardings, ema_params=param_shardings if ema else {},
+                      rng=repl, first_bad_step=repl)
+
+
+def state_layout(state: TrainState) -> TrainState:
+    """The shardings of a state's arrays: what the step keeps it in and a checkpoint restore places it in."""
+    return jax.tree.map(lambda x: x.sharding, state)
+
+
+def init_state(params, tx, seed: int, ema: bool, mesh, shard: bool) -> TrainState:
+    """`params`: host numpy (the same on every host), placed slice by slice in `layout_for`'s layout."""
+    layout = layout_for(params, tx, ema, mesh, shard)
+    params = distributed.place(params, layout.params)
+    opt_state = jax.jit(tx.init, out_shardings=layout.opt_state)(params)
+    ema_params = jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=layout.ema_params)(params) if ema else {}
     scalars = jax.jit(
-        lambda: (jnp.int32(0), jax.random.PRNGKey(seed), jnp.int32(-1)), out_shardings=repl
+        lambda: (jnp.int32(0), jax.random.PRNGKey(seed), jnp.int32(-1)), out_shardings=replicated(mesh)
     )()
     return TrainState(step=scalars[0], params=params, opt_state=opt_state, ema_params=ema_params, rng=scalars[1], first_bad_step=scalars[2])
 
@@ -98,10 +120,20 @@ def diffusion_loss_fn(unet, controlnet, scheduler, noise_state, settings: StepSe
     return loss_fn
 
 
-def make_train_step(loss_fn, tx, schedule, settings: StepSettings, mesh):
-    """The jit-compiled step(state, unet_params, batch) -> (state, metrics); state is donated."""
+def make_train_step(loss_fn, tx, schedule, settings: StepSettings, mesh, layout: TrainState):
+    """The jit-compiled step(state, unet_params, batch) -> (state, metrics); state is donated and keeps `layout`."""
     k = settings.grad_accum_steps
     grad_fn = jax.value_and_grad(loss_fn)
+    repl = replicated(mesh)
+    compute_dtype = jnp.dtype(settings.compute_dtype)
+
+    def compute_copy(params):
+        # Cast on each shard first, so the all-gather moves compute-dtype bytes (a no-op when replicated).
+        return jax.lax.with_sharding_constraint(jax.tree.map(lambda p: p.astype(compute_dtype), params), repl)
+
+    def to_state_layout(grads):
+        # fp32 in the master's layout: sharded, XLA turns the cross-device sum into a reduce-scatter.
+        return jax.lax.with_sharding_constraint(jax.tree.map(lambda g: g.astype(jnp.float32), grads), layout.params)
 
     def micro_batches(x):
         # Rows j*k+i form micro-batch i: every device keeps exactly the rows it already holds.
@@ -109,15 +141,17 @@ def make_train_step(loss_fn, tx, schedule, settings: StepSettings, mesh):
         return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, PartitionSpec(None, DATA_AXIS)))
 
     def gradients(params, unet_params, batch, key):
+        """Mean loss and fp32 gradients, in the state's layout, w.r.t. the compute copy `params`."""
         if k == 1:
-            return grad_fn(params, unet_params, batch, key)
+            loss, grads = grad_fn(params, unet_params, batch, key)
+            return loss, to_state_layout(grads)
 
         def accumulate(carry, xs):
             index, micro = xs
             loss, grads = grad_fn(params, unet_params, micro, jax.random.fold_in(key, index))
-            return jax.tree.map(jnp.add, carry, (loss, grads)), None
+            return jax.tree.map(jnp.add, carry, (loss, to_state_layout(grads))), None
 
-        zero = (jnp.float32(0), jax.tree.map(jnp.zeros_like, params))
+        zero = (jnp.float32(0), to_state_layout(jax.tree.map(jnp.zeros_like, params)))
         # XLA:CPU computes convolution weight gradients inside a while loop ~30x slower than outside one
         # (a bare conv stack: 9.9 ms vs 0.3 ms; the tests' step with k=2: 3x slower). On CPU the k
         # micro-batches are unrolled (compile time grows with k); accelerators keep the loop.
@@ -127,7 +161,7 @@ def make_train_step(loss_fn, tx, schedule, settings: StepSettings, mesh):
 
     def step(state: TrainState, unet_params, batch):
         key = jax.random.fold_in(state.rng, state.step)
-        loss, grads = gradients(state.params, unet_params, batch, key)
+        loss, grads = gradients(compute_copy(state.params), unet_params, batch, key)
         grad_norm = optax.global_norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -144,5 +178,22 @@ def make_train_step(loss_fn, tx, schedule, settings: StepSettings, mesh):
         new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema, first_bad_step=first_bad)
         return new_state, {"loss": loss, "grad_norm": grad_norm, "lr": schedule(state.step)}
 
-    repl = replicated(mesh)
-    return jax.jit(step, in_shardings=(repl, repl, batch_sharded(mesh)), out_shardings=(repl, repl), donate_argnums=(0,))
+    return jax.jit(step, in_shardings=(layout, repl, batch_sharded(mesh)), out_shardings=(layout, repl), donate_argnums=(0,))
+
+
+def train_step_for(t, unet, controlnet, scheduler_config: dict, uncond, mesh, dtype):
+    """(optimizer, layout -> jit-compiled step) from the train config: the pieces stage.build_training puts
+    together, and bench/train_memory.py compiles for real-size models from shapes alone."""
+    from diffusers import FlaxDDPMScheduler
+
+    schedule = lr_schedule(t.learning_rate, t.warmup_steps, t.max_steps, t.lr_schedule)
+    tx = make_optimizer(schedule, t.adam_b1, t.adam_b2, t.weight_decay, t.max_grad_norm)
+    scheduler = FlaxDDPMScheduler.from_config(scheduler_config)
+    noise_state = jax.tree.map(np.asarray, scheduler.create_state())
+    settings = StepSettings(
+        grad_accum_steps=t.grad_accum_steps, ema_decay=t.ema_decay, caption_dropout=t.caption_dropout,
+        gradient_checkpointing=t.gradient_checkpointing, prediction_type=scheduler.config.prediction_type,
+        num_train_timesteps=scheduler.config.num_train_timesteps, compute_dtype=jnp.dtype(dtype).name,
+    )
+    loss_fn = diffusion_loss_fn(unet, controlnet, scheduler, noise_state, settings, uncond)
+    return tx, lambda layout: make_train_step(loss_fn, tx, schedule, settings, mesh, layout)

@@ -38,6 +38,8 @@ class Validator:
         unet, count = base.unet, len(rows)
 
         def sample(controlnet_params, unet_params, inputs):
+            # A sharded train state is gathered once, not left for the partitioner to spread the convolutions over.
+            controlnet_params = jax.lax.with_sharding_constraint(controlnet_params, distributed.replicated(mesh))
             state = scheduler.set_timesteps(scheduler.create_state(), steps, (count, *latent_shape))
             timesteps = jnp.asarray(state.timesteps, dtype=jnp.int32)
             latents = jax.random.normal(inputs["key"], (count, *latent_shape), jnp.float32) * state.init_noise_sigma

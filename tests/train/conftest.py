@@ -28,7 +28,7 @@ if os.environ.pop("PYTHONDONTWRITEBYTECODE", None):
     os.environ.setdefault("PYTHONPYCACHEPREFIX", os.path.join(tempfile.gettempdir(), "cnpipe-train-tests-pycache"))
     sys.pycache_prefix, sys.dont_write_bytecode = os.environ["PYTHONPYCACHEPREFIX"], False
 
-PROCESS_FIXTURES = ("resumed_run", "two_host_run")
+PROCESS_FIXTURES = ("resumed_run", "two_host_run", "layout_runs")
 
 
 def pytest_collection_modifyitems(items):
@@ -52,7 +52,8 @@ def process_runs(request, base, tmp_path_factory):
         return
     from process_runs import ProcessRuns
 
-    runs = ProcessRuns(tmp_path_factory.mktemp("process_runs"), base, resume="resumed_run" in wanted, two_hosts="two_host_run" in wanted)
+    runs = ProcessRuns(tmp_path_factory.mktemp("process_runs"), base, resume="resumed_run" in wanted, two_hosts="two_host_run" in wanted,
+                       layouts="layout_runs" in wanted)
     yield runs
     runs.close()
 
@@ -61,6 +62,12 @@ def process_runs(request, base, tmp_path_factory):
 def resumed_run(process_runs):
     """(config, reference output, Killed: the SIGKILLed-then-restarted run)."""
     return process_runs.config, process_runs.reference_output(), process_runs.resumed()
+
+
+@pytest.fixture(scope="session")
+def layout_runs(process_runs):
+    """(results, arrays) of layouts.py: both state layouts on 1, 2, 4, 8 devices, and resumes across them."""
+    return process_runs.layout_results()
 
 
 @pytest.fixture

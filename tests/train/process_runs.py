@@ -7,19 +7,25 @@ All use one configuration (runs.PROCESS_RUN) and data set:
 - resume: once the reference has ended (its compiled step is then in the on-disk cache), a run that is
   SIGKILLed as soon as its first checkpoint is published, then the same command on the same output;
 - two_hosts: 2 processes x 2 CPU devices joined by jax.distributed, same global batch.
+Besides, layouts.py (not a stage run): the state replicated and sharded on 1, 2, 4 and 8 devices, in one process.
 """
 from __future__ import annotations
 
 import copy
+import json
 import os
 import pathlib
 import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 from dataclasses import dataclass
 
-from runs import PROCESS_RUN, PROCESS_RUN_DATA, devices_env, hosts_env, make_config, start_stage
+import numpy as np
+
+from runs import PROCESS_RUN, PROCESS_RUN_DATA, REPO, devices_env, hosts_env, make_config, start_stage
 from synthetic import write_encoded
 
 TIMEOUT_S = 600  # per process; generous, as other jobs may share the two cores
@@ -71,7 +77,8 @@ def _free_port() -> int:
 
 
 class ProcessRuns:
-    def __init__(self, root: pathlib.Path, base: str, resume: bool, two_hosts: bool):
+    def __init__(self, root: pathlib.Path, base: str, resume: bool, two_hosts: bool, layouts: bool = False):
+        self.layouts = self._start_layouts(root / "layouts", base) if layouts else None
         self.encoded = write_encoded(str(root / "encoded"), **PROCESS_RUN_DATA)
         self.config = make_config(base, **PROCESS_RUN)
         self.root = root
@@ -90,6 +97,23 @@ class ProcessRuns:
         self._resume = threading.Thread(target=self._resume_scenario, name="resume-scenario", daemon=True)
         if resume:
             self._resume.start()
+
+    def _start_layouts(self, output: pathlib.Path, base: str) -> subprocess.Popen:
+        output.mkdir()
+        self.layouts_log = output / "layouts.log"
+        env = {**os.environ, **devices_env(8), "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+        with open(self.layouts_log, "wb") as log:
+            return subprocess.Popen([sys.executable, str(REPO / "tests" / "train" / "layouts.py"), base, str(output)],
+                                    cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+
+    def layout_results(self) -> tuple[dict, dict]:
+        """(results.json, results.npz as a dict) of layouts.py, once it has ended well."""
+        code = self.layouts.wait(timeout=TIMEOUT_S)
+        if code != 0:
+            raise AssertionError(f"layouts.py exited with {code}:\n{self.layouts_log.read_text(errors='replace')[-4000:]}")
+        folder = self.layouts_log.parent
+        with np.load(folder / "results.npz") as arrays:
+            return json.loads((folder / "results.json").read_text()), dict(arrays)
 
     def _start(self, name: str, config, output: pathlib.Path, env: dict) -> Run:
         run = Run(name, config, self.encoded.uri, output, env)
@@ -136,3 +160,6 @@ class ProcessRuns:
     def close(self) -> None:
         for run in self.runs:
             run.kill()
+        if self.layouts is not None and self.layouts.poll() is None:
+            self.layouts.kill()
+            self.layouts.wait()

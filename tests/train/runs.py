@@ -69,3 +69,11 @@ def logged(output_dir: pathlib.Path) -> list[dict]:
 
 def logged_losses(output_dir: pathlib.Path) -> list[float]:
     return [record["loss"] for record in logged(output_dir)]
+# The layouts run (layouts.py, one process with 8 CPU devices): replicated vs sharded state on 1, 2, 4, 8 devices.
+# Two rows per device at 8 devices; gradient accumulation (the sharded accumulator), clipping, EMA, caption dropout
+# and LR warm-up all on, so every piece of the state and of the step takes part.
+LAYOUT_RUN = dict(global_batch_size=8, grad_accum_steps=1, caption_dropout=0.3, ema_decay=0.9, learning_rate=1e-3,
+                  warmup_steps=2, max_steps=4, lr_schedule="cosine", max_grad_norm=1.0)
+LAYOUT_STEPS, RESUME_AT = 4, 2
+# (saved by (devices, layout)) -> (resumed in (devices, layout)): both directions, each with a change of device count
+RESUMES = (((4, "sharded"), (2, "replicated")), ((2, "replicated"), (8, "sharded")), ((8, "sharded"), (4, "sharded")))
