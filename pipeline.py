@@ -49,6 +49,7 @@ from components.clip_embed.component import clip_embed  # noqa: E402
 from components.conditioning.component import conditioning  # noqa: E402
 from components.conditioning.merge_component import conditioning_merge  # noqa: E402
 from components.controlnet_train.component import controlnet_train  # noqa: E402
+from components.curate.component import curate, curate_dedup, curate_keys  # noqa: E402
 from components.download.component import download  # noqa: E402
 from components.encode.component import encode  # noqa: E402
 from components.evaluate.component import evaluate  # noqa: E402
@@ -83,6 +84,16 @@ def build(config: pipeline_configs.PipelineConfig):
             return finals[0]
         return on_image(conditioning_merge(**common), "conditioning_merge").after(*finals)
 
+    def curate_stage(common: dict, images, embeddings) -> dict:
+        """Keys per shard (shard groups), one global dedup pass, the filtered dataset per shard (shard groups);
+        none of it when curate.enabled is false (conditioning then reads the captioned images)."""
+        if not config.curate.enabled:
+            return {}
+        keys = per_image(curate_keys, "curate_keys", common, images=images, embeddings=embeddings)
+        dedup = on_image(curate_dedup(**common, keys=keys.output), "curate_dedup")
+        curated = per_image(curate, "curate", common, images=images, keys=keys.output, dedup=dedup.output)
+        return {"curate_keys": keys.output, "curate_dedup": dedup.output, "curate": curated.output}
+
     @dsl.pipeline(name=f"controlnet-{config.name}", description="Raw images to a trained ControlNet.",
                   pipeline_root=config.kubeflow.pipeline_root or None)
     def controlnet_pipeline(config_json: str = config.to_json(), run_id: str = "run"):
@@ -92,7 +103,8 @@ def build(config: pipeline_configs.PipelineConfig):
         retrieved = on_image(laion_retrieval(**common, seeds=embedded.output), "laion_retrieval")
         images = per_image(download, "download", common, retrieved=retrieved.output, seeds=embedded.output)
         captioned = per_image(blip_caption, "blip_caption", common, images=images.output)
-        controls = conditioning_stage(common, captioned.output)
+        curated = curate_stage(common, captioned.output, embedded.output)
+        controls = conditioning_stage(common, curated.get("curate", captioned.output))
         encoded = per_image(encode, "encode", common, conditioning=controls.output)
         trained = on_image(controlnet_train(**common, encoded=encoded.output), "controlnet_train")
         evaluated = on_image(evaluate(**common, trained=trained.output, conditioning=controls.output), "evaluate")
@@ -100,7 +112,7 @@ def build(config: pipeline_configs.PipelineConfig):
             report(
                 **common, hub_load=seeds.output, clip_embed=embedded.output, laion_retrieval=retrieved.output,
                 download=images.output, blip_caption=captioned.output, conditioning=controls.output,
-                encode=encoded.output, controlnet_train=trained.output, evaluate=evaluated.outputs["output"],
+                encode=encoded.output, controlnet_train=trained.output, evaluate=evaluated.outputs["output"], **curated,
             ),
             "report",
         )

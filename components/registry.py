@@ -25,6 +25,12 @@ STAGES = {
                   settings_check="components.laion_retrieval.stage:check_settings"),
         StageSpec("download", "components.download", "download", settings_check="components.download.stage:check_settings"),
         StageSpec("blip_caption", "components.blip_caption", "vision"),
+        # curate (components/curate): keys per shard, one global dedup pass, then the filtered dataset. Dropped from
+        # the pipeline by curate.enabled = false (conditioning then reads blip_caption's output).
+        StageSpec("curate_keys", "components.curate.keys", "vision", output_dir="curate/keys",
+                  settings_check="components.curate.settings:check_settings"),
+        StageSpec("curate_dedup", "components.curate.dedup", "vision", output_dir="curate/dedup"),
+        StageSpec("curate", "components.curate", "core"),
         StageSpec("conditioning", "components.conditioning", "conditioning",
                   settings_check="components.conditioning.stage:check_settings"),
         # When conditioning types span families, each family's task writes its types; this lists them all.

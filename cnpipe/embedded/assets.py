@@ -3,7 +3,8 @@
 seeds/  the hub-load folder: good images with sidecar captions, plus the awkward cases a real
         folder holds (CMYK, 16-bit, RGBA, corrupt, truncated, 1x1, HTML named .jpg, bad captions).
 pool/   the "web" that the loopback LAION stand-in indexes and serves: variants of the photos, plus
-        entries that fail the way web URLs do (404, HTML page, too small, truncated).
+        entries that fail the way web URLs do (404, HTML page, too small, truncated), and duplicates as the web has
+        them (curate removes them): a seed's picture at two more URLs and sizes, one file at two URLs.
 """
 from __future__ import annotations
 
@@ -92,6 +93,13 @@ def make_pool(folder: pathlib.Path) -> list[dict]:
         add(ImageOps.autocontrast(ImageOps.posterize(photo, 3)), f"{stem}_poster.jpg", caption + ", posterized")
     for i in range(8, 14):
         add(_pattern(i), f"pattern_{i}.jpg", "a colorful pattern of shapes")
+    # Duplicates, on purpose: the cat of the chelsea seed at two URLs and two sizes (both near duplicates of the seed,
+    # which curate keeps), and one file served at two URLs (an exact duplicate of a retrieved row).
+    cat = _photo("chelsea.png")
+    add(cat, "chelsea_web.jpg", "a cat looking at the camera")
+    add(cat.resize((cat.width // 2, cat.height // 2), Image.Resampling.LANCZOS), "chelsea_web_small.jpg", "cat photo, small")
+    (folder / "rocket_mirror_copy.jpg").write_bytes((folder / "rocket_mirror.jpg").read_bytes())
+    entries.append({"path": "rocket_mirror_copy.jpg", "caption": "a rocket on a launch pad, mirrored", "embed": "rocket_mirror.jpg"})
     # Web failures, indexed with a real neighbour's embedding as LAION's rotted URLs are.
     (folder / "page.jpg").write_text("<!doctype html><html><body>an HTML page, not an image</body></html>")
     _save(Image.new("RGB", (8, 8), (0, 0, 255)), folder / "tiny.jpg")
@@ -104,14 +112,30 @@ def make_pool(folder: pathlib.Path) -> list[dict]:
     return entries
 
 
+# Bumped when what make_<name> writes changes: a folder made by an older version is made again (the pool's index,
+# cnpipe.embedded.local_web, is rebuilt when the pool's index.json changes).
+VERSIONS = {"seeds": 1, "pool": 2}
+VERSION_FILE = ".version"
+
+
 def ensure(root: str) -> None:
+    import shutil
+
     base = pathlib.Path(root)
     for name, make in (("seeds", make_seeds), ("pool", make_pool)):
-        if not (base / name).exists():
-            tmp = base / f".tmp-{name}"
-            tmp.mkdir(parents=True, exist_ok=True)
-            make(tmp)
-            tmp.rename(base / name)
+        target, version = base / name, str(VERSIONS[name])
+        current = (target / VERSION_FILE).read_text().strip() if (target / VERSION_FILE).exists() else "1"
+        if target.exists() and current == version:
+            continue
+        tmp = base / f".tmp-{name}-{os.getpid()}"
+        tmp.mkdir(parents=True, exist_ok=True)
+        make(tmp)
+        (tmp / VERSION_FILE).write_text(version)
+        if target.exists():  # an older version: swapped out, then removed
+            old = base / f".old-{name}-{os.getpid()}"
+            target.rename(old)
+            shutil.rmtree(old, ignore_errors=True)
+        tmp.rename(target)
 
 
 if __name__ == "__main__":

@@ -25,15 +25,21 @@ from components.laion_retrieval import knn_service
 
 
 def build_pool_index(assets: pathlib.Path, clip_model: str) -> pathlib.Path:
+    """The faiss index of the pool, built once per pool and model (remade when the pool's entries or the model change)."""
+    import hashlib
+
     folder = assets / "pool-index"
-    if (folder / "image.index").exists():
+    listing = (assets / "pool" / "index.json").read_bytes()
+    source = json.dumps({"pool": hashlib.sha256(listing).hexdigest(), "clip_model": clip_model})
+    if (folder / "image.index").exists() and (folder / "source.json").exists() and (folder / "source.json").read_text() == source:
         return folder
     from components.clip_embed.stage import ClipImageEmbedder
 
-    entries = json.loads((assets / "pool" / "index.json").read_text())
+    entries = json.loads(listing)
     embedder = ClipImageEmbedder(clip_model, "cpu")
     vectors = embedder([Image.open(assets / "pool" / e["embed"]).convert("RGB") for e in entries])
     knn_index.build(np.asarray(vectors), [e["path"] for e in entries], [e["caption"] for e in entries], str(folder))
+    (folder / "source.json").write_text(source)
     return folder
 
 

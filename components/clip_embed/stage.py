@@ -39,6 +39,26 @@ class ClipImageEmbedder:
         return self.run(self.prepare(pil_images))
 
 
+class ClipEmbedder(ClipImageEmbedder):
+    """The same model's text tower too: L2-normalised caption embeddings in the image embeddings' space, so that their
+    inner product is CLIP's image-text cosine similarity (curate's caption agreement)."""
+
+    def __init__(self, model_id: str, device: str = "auto"):
+        super().__init__(model_id, device)
+        from transformers import CLIPTokenizer
+
+        self.tokenizer = CLIPTokenizer.from_pretrained(model_id)
+        self.max_length = self.model.config.text_config.max_position_embeddings
+
+    def embed_texts(self, texts: list[str]) -> np.ndarray:
+        """Captions longer than CLIP's context (77 tokens) are truncated, as CLIP scores them."""
+        tokens = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
+        with self.torch.inference_mode():
+            features = self.model.get_text_features(**{k: v.to(self.device) for k, v in tokens.items()})
+            features = self.torch.nn.functional.normalize(features.float(), dim=-1)
+        return features.cpu().numpy().astype(np.float32)
+
+
 def embed_shard(table: pa.Table, embedder: ClipImageEmbedder, batch_size: int) -> ShardResult:
     """Rows without an image yet (URL rows) pass through with a null embedding, counted in notes."""
     return map_images(table, embedder.prepare, lambda pixels: [v.tolist() for v in embedder.run(pixels)], batch_size,

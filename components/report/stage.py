@@ -9,7 +9,7 @@ import datetime as _dt
 
 from cnpipe import storage
 from cnpipe.dataset import Manifest, StageOutput
-from components.report import contact_sheet, html
+from components.report import contact_sheet, curation, html
 from components.report import training
 
 STAGE = "report"
@@ -128,6 +128,10 @@ def run(config, inputs: dict, output_uri: str) -> StageOutput:
         sheet = contact_sheet.to_png(contact_sheet.render(samples, types))
         storage.write_bytes_atomic(storage.join(output_uri, sheet_name), sheet)
     text = markdown(rows, config.name, sheet_name)
+    curated, pairs = curation.section(inputs)  # rows curate removed per reason, example duplicate pairs side by side
+    if pairs:
+        storage.write_bytes_atomic(storage.join(output_uri, curation.PAIRS_NAME), contact_sheet.to_png(curation.render(pairs)))
+    text += "\n".join(curated) + ("\n" if curated else "")
     helped = training.section(inputs, output_uri)  # loss curve and untrained-vs-trained fidelity, as PNG plots
     text += "\n".join(helped) + ("\n" if helped else "")
     storage.write_bytes_atomic(storage.join(output_uri, "report.md"), text.encode())

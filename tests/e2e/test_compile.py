@@ -73,7 +73,7 @@ def test_conditioning_types_from_two_families_run_in_two_images_then_merge(tmp_p
     assert tasks["encode"]["dependentTasks"] == ["conditioning-merge"]
 
 
-PER_IMAGE = ("clip_embed", "download", "blip_caption", "conditioning", "encode")
+PER_IMAGE = ("clip_embed", "download", "blip_caption", "curate_keys", "curate", "conditioning", "encode")
 
 
 def test_per_image_stages_fan_out_over_shard_groups_then_finish_in_one_task(tmp_path):

@@ -32,7 +32,7 @@ def run_pipeline(root: str, run_id: str, env: dict | None = None, *extra: str) -
 
 def rows_per_stage(run_root: str) -> dict:
     counts = {}
-    for stage in ("hub_load", "clip_embed", "laion_retrieval", "download", "blip_caption", "encode"):
+    for stage in ("hub_load", "clip_embed", "laion_retrieval", "download", "blip_caption", "curate", "encode"):
         m = Manifest.load(f"{run_root}/{stage}")
         counts[stage] = (m.rows_in, m.rows_out, m.rows_rejected, m.rejections)
     for name, info in load_output(f"{run_root}/conditioning").summary["types"].items():
@@ -42,7 +42,8 @@ def rows_per_stage(run_root: str) -> dict:
 
 def test_every_row_is_accounted_for_at_every_stage(finished_run):
     run_root, _ = finished_run
-    manifests = [Manifest.load(str(run_root / s)) for s in ("hub_load", "clip_embed", "laion_retrieval", "download", "blip_caption", "encode")]
+    manifests = [Manifest.load(str(run_root / s)) for s in ("hub_load", "clip_embed", "laion_retrieval", "download", "blip_caption",
+                                                          "curate", "curate/keys", "encode")]
     conditioning = load_output(str(run_root / "conditioning")).summary["types"]
     manifests += [Manifest.load(info["uri"]) for info in conditioning.values()]
     for m in manifests:
@@ -56,7 +57,8 @@ def test_every_row_is_accounted_for_at_every_stage(finished_run):
     assert by_stage["clip_embed"].rows_in == by_stage["hub_load"].rows_out
     assert by_stage["download"].rows_in == by_stage["laion_retrieval"].rows_out + by_stage["clip_embed"].rows_out
     assert by_stage["blip_caption"].rows_in == by_stage["download"].rows_out
-    assert by_stage["conditioning/pose"].rows_in == by_stage["blip_caption"].rows_out
+    assert by_stage["curate"].rows_in == by_stage["curate/keys"].rows_out == by_stage["blip_caption"].rows_out
+    assert by_stage["conditioning/pose"].rows_in == by_stage["curate"].rows_out
     # The embedded data is built to exercise every rejection path.
     assert {"corrupt_image", "truncated_image", "not_an_image", "too_small"} <= set(by_stage["hub_load"].rejections)
     assert {"http_404", "not_an_image", "too_small"} <= set(by_stage["download"].rejections)
@@ -64,6 +66,27 @@ def test_every_row_is_accounted_for_at_every_stage(finished_run):
     pose_rejections = by_stage["conditioning/pose"].rejections  # no person, or a skeleton no person could have
     assert 0 < by_stage["conditioning/pose"].rows_rejected == pose_rejections["no_pose"] + pose_rejections.get("implausible_pose", 0)
     assert by_stage["conditioning/pose"].rows_out > 0
+
+
+def test_curate_removes_the_duplicates_the_embedded_web_holds(finished_run):
+    """The pool serves the chelsea seed's picture at two more URLs and sizes, and one file at two URLs; two seeds are
+    converted copies of two others (CMYK, 16-bit gray). curate keeps the seeds and one of the two identical files."""
+    run_root, _ = finished_run
+    curated = Manifest.load(str(run_root / "curate"))
+    where = {r["id"]: (r["url"] or r["origin"]).rsplit("/", 1)[-1]
+             for _, t in Manifest.load(str(run_root / "blip_caption")).iter_shards(columns=["id", "url", "origin"]) for r in t.to_pylist()}
+    dropped = {where[r["id"]]: (r["reason"], where[r["detail"].split()[1].rstrip(":")]) for r in curated.rejected_table().to_pylist()}
+    assert dropped["chelsea_web.jpg"] == dropped["chelsea_web_small.jpg"] == ("near_duplicate", "folder:chelsea.jpg")
+    assert dropped["folder:odd_cmyk.jpg"] == ("near_duplicate", "folder:chelsea.jpg")
+    assert dropped["folder:odd_16bit.png"] == ("near_duplicate", "folder:coffee.jpg")
+    pair = {"rocket_mirror.jpg", "rocket_mirror_copy.jpg"}
+    assert [(name, why) for name, why in dropped.items() if name in pair] in (
+        [("rocket_mirror.jpg", ("duplicate", "rocket_mirror_copy.jpg"))], [("rocket_mirror_copy.jpg", ("duplicate", "rocket_mirror.jpg"))])
+    kept = {where[i] for _, t in curated.iter_shards(columns=["id"]) for i in t.column("id").to_pylist()}
+    assert {"folder:chelsea.jpg", "folder:coffee.jpg"} <= kept and len(pair & kept) == 1
+    assert set(curated.rejections) <= {"duplicate", "near_duplicate", "low_resolution", "bad_aspect_ratio"}
+    keys = Manifest.load(str(run_root / "curate" / "keys"))  # the seeds' embeddings come from clip_embed, not again
+    assert keys.notes["clip_embedding_reused"] == Manifest.load(str(run_root / "clip_embed")).rows_out
 
 
 def test_model_half_trains_exports_and_evaluates(finished_run):
@@ -80,8 +103,10 @@ def test_report_and_printed_summary(finished_run):
     run_root, stdout = finished_run
     report = (run_root / "report" / "report.md").read_text()
     assert "| conditioning/pose |" in report and "no_pose" in report
+    assert "## Curation" in report and "| near_duplicate |" in report and "duplicate_pairs.png" in report
+    assert (run_root / "report" / "duplicate_pairs.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (run_root / "report" / "contact_sheet.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    for stage in ("hub_load", "download", "conditioning/canny", "encode", "controlnet_train", "evaluate", "report"):
+    for stage in ("hub_load", "download", "curate", "conditioning/canny", "encode", "controlnet_train", "evaluate", "report"):
         assert stage in stdout
 
 
