@@ -37,6 +37,7 @@ import concurrent.futures
 import contextlib
 import copy
 import dataclasses
+import fcntl
 import hashlib
 import json
 import os
@@ -191,16 +192,19 @@ class ImageFactory:
             return local
         digest = hashlib.sha256(lock_file.read_bytes()).hexdigest()[:12]
         made = self.repo / ".cache" / "kfp-backend" / f"{lock}-{digest}"
-        if (made / ".complete").exists():
-            return made
-        uv = shutil.which("uv") or str(pathlib.Path.home() / ".local" / "bin" / "uv")
-        shutil.rmtree(made, ignore_errors=True)
-        subprocess.run([uv, "venv", "--quiet", "--python", "python3.11", str(made)], check=True)
-        install = [uv, "pip", "install", "--quiet", "--compile-bytecode", "--python", str(made / "bin" / "python"),
-                   "-r", str(lock_file)]
-        if subprocess.run([*install, "--offline"], capture_output=True).returncode != 0:
-            subprocess.run(install, check=True)
-        (made / ".complete").write_text("")
+        made.parent.mkdir(parents=True, exist_ok=True)
+        with open(made.parent / f"{made.name}.lock", "w") as held:
+            fcntl.flock(held, fcntl.LOCK_EX)  # another test session may be making the same one
+            if (made / ".complete").exists():
+                return made
+            uv = shutil.which("uv") or str(pathlib.Path.home() / ".local" / "bin" / "uv")
+            shutil.rmtree(made, ignore_errors=True)
+            subprocess.run([uv, "venv", "--quiet", "--python", "python3.11", str(made)], check=True)
+            install = [uv, "pip", "install", "--quiet", "--compile-bytecode", "--python", str(made / "bin" / "python"),
+                       "-r", str(lock_file)]
+            if subprocess.run([*install, "--offline"], capture_output=True).returncode != 0:
+                subprocess.run(install, check=True)
+            (made / ".complete").write_text("")
         return made
 
     def image(self, dockerfile: pathlib.Path) -> ImageStandIn:
@@ -402,6 +406,7 @@ class Backend:
     # -- the run --
 
     def run(self, package: pathlib.Path, arguments: dict, pipeline_root: str) -> Run:
+        self.stopping.clear()
         documents = list(yaml.safe_load_all(pathlib.Path(package).read_text()))
         spec = documents[0]
         platform = {}
@@ -413,8 +418,8 @@ class Backend:
                 raise BackendError(f"{name}: platform settings {sorted(unknown)} are not emulated")
         root_component = spec["root"]
         parameters = _with_defaults(root_component, arguments, {}, "the run")
-        run = Run(uuid.uuid4().hex[:12], pathlib.Path(pipeline_root) / spec["pipelineInfo"]["name"])
-        run.root = run.root / run.run_id
+        run_id = uuid.uuid4().hex[:12]
+        run = Run(run_id, pathlib.Path(pipeline_root) / spec["pipelineInfo"]["name"] / run_id)
         self.spec, self.platform, self.record_lock = spec, platform, threading.Lock()
         self._dag(root_component["dag"], parameters, {}, "", run)
         return run
