@@ -44,6 +44,18 @@ def initialize(num_processes: int, coordinator_address: str) -> None:
     jax.distributed.initialize(coordinator_address=address, num_processes=num_processes, process_id=int(process_id))
 
 
+def wait_for_hosts(name: str, timeout_s: int = 3600) -> None:
+    """Returns once every host got here (nothing to wait for on one). The coordination service's barrier, not a
+    device collective: a host may be minutes behind (still compiling) without a collective timing out."""
+    import jax
+
+    if jax.process_count() == 1:
+        return
+    from jax._src import distributed as jax_distributed  # the client jax.distributed.initialize made (no public barrier without devices)
+
+    jax_distributed.global_state.client.wait_at_barrier(name, timeout_s * 1000)
+
+
 def data_mesh(devices=None):
     import jax
     from jax.sharding import Mesh

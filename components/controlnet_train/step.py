@@ -181,6 +181,24 @@ def make_train_step(loss_fn, tx, schedule, settings: StepSettings, mesh, layout:
     return jax.jit(step, in_shardings=(layout, repl, batch_sharded(mesh)), out_shardings=(layout, repl), donate_argnums=(0,))
 
 
+class HostSyncedStep:
+    """The jitted step of a run over several hosts: the first call compiles, waits until every host has compiled,
+    then runs. XLA:CPU's cross-process collectives (gloo) give a host 30 s to join the first one, less than one
+    host's compile can lag another's on a busy machine; the same wait costs nothing where collectives wait longer."""
+
+    def __init__(self, jitted, name: str):
+        self.jitted, self.name, self.compiled = jitted, name, None
+
+    def lower(self, *args):
+        return self.jitted.lower(*args)
+
+    def __call__(self, *args):
+        if self.compiled is None:
+            self.compiled = self.jitted.lower(*args).compile()
+            distributed.wait_for_hosts(self.name)
+        return self.compiled(*args)
+
+
 def train_step_for(t, unet, controlnet, scheduler_config: dict, uncond, mesh, dtype):
     """(optimizer, layout -> jit-compiled step) from the train config: the pieces stage.build_training puts
     together, and bench/train_memory.py compiles for real-size models from shapes alone."""
@@ -196,4 +214,9 @@ def train_step_for(t, unet, controlnet, scheduler_config: dict, uncond, mesh, dt
         num_train_timesteps=scheduler.config.num_train_timesteps, compute_dtype=jnp.dtype(dtype).name,
     )
     loss_fn = diffusion_loss_fn(unet, controlnet, scheduler, noise_state, settings, uncond)
-    return tx, lambda layout: make_train_step(loss_fn, tx, schedule, settings, mesh, layout)
+
+    def step_for(layout):
+        step = make_train_step(loss_fn, tx, schedule, settings, mesh, layout)
+        return step if jax.process_count() == 1 else HostSyncedStep(step, "controlnet_train: step compiled")
+
+    return tx, step_for
