@@ -77,3 +77,21 @@ def section(inputs: dict) -> tuple[list[str], list[dict]]:
             lines += [f"| {p['reason']} | `{p['kept_id']}` | `{p['dropped_id']}` | {p['evidence']} |" for p in pairs]
             lines += ["", f"![duplicate pairs]({PAIRS_NAME})"]
     return lines, pairs
+
+
+def html_sections(inputs: dict, pairs: list[dict], pairs_png: bytes | None) -> list[str]:
+    """The same for the HTML report: rows removed per reason, the pairs table and picture (inlined)."""
+    from components.report import html
+
+    curated = inputs.get("curate")
+    if not isinstance(curated, Manifest):
+        return []
+    out = ["<h2>Curation</h2>", f"<p>curate kept {curated.rows_out} of {curated.rows_in} rows.</p>",
+           html.table(["reason", "rows removed"], [[r, n] for r, n in sorted(curated.rejections.items(), key=lambda kv: -kv[1])],
+                      numeric={1})]
+    if pairs:
+        out.append(html.table(["reason", "kept", "dropped", "evidence"],
+                              [[p["reason"], p["kept_id"], p["dropped_id"], p["evidence"]] for p in pairs]))
+    if pairs_png:
+        out.append(html.figure(pairs_png, "duplicate pairs", "kept | dropped, with why"))
+    return out

@@ -81,7 +81,7 @@ def _read_if_there(uri: str) -> bytes | None:
     return storage.read_bytes(uri) if storage.exists(uri) else None
 
 
-def html_page(rows: list[dict], run_name: str, sheet: bytes | None, inputs: dict) -> str:
+def html_page(rows: list[dict], run_name: str, sheet: bytes | None, inputs: dict, curated: list[str] = ()) -> str:
     """The report as one self-contained page for the Kubeflow UI: the tables of report.md, rows in/out per stage as a
     chart, the contact sheet, the training curve and the evaluation grid and metrics, every picture inlined."""
     import json
@@ -100,6 +100,7 @@ def html_page(rows: list[dict], run_name: str, sheet: bytes | None, inputs: dict
         sections += ["<h2>Handled and kept (notes)</h2>", html.table(["stage", "note", "rows"], notes, numeric={2})]
     if sheet:
         sections += ["<h2>Contact sheet</h2>", html.figure(sheet, "contact sheet", "image, captions and control images per sample row")]
+    sections += list(curated)  # curation: rows removed per reason, duplicate pairs (components/report/curation.py)
     train = inputs.get("controlnet_train")
     metrics_lines = _read_if_there(storage.join(train.uri, "metrics.jsonl")) if isinstance(train, StageOutput) else None
     if metrics_lines:
@@ -129,13 +130,15 @@ def run(config, inputs: dict, output_uri: str) -> StageOutput:
         storage.write_bytes_atomic(storage.join(output_uri, sheet_name), sheet)
     text = markdown(rows, config.name, sheet_name)
     curated, pairs = curation.section(inputs)  # rows curate removed per reason, example duplicate pairs side by side
-    if pairs:
-        storage.write_bytes_atomic(storage.join(output_uri, curation.PAIRS_NAME), contact_sheet.to_png(curation.render(pairs)))
+    pairs_png = contact_sheet.to_png(curation.render(pairs)) if pairs else None
+    if pairs_png:
+        storage.write_bytes_atomic(storage.join(output_uri, curation.PAIRS_NAME), pairs_png)
     text += "\n".join(curated) + ("\n" if curated else "")
     helped = training.section(inputs, output_uri)  # loss curve and untrained-vs-trained fidelity, as PNG plots
     text += "\n".join(helped) + ("\n" if helped else "")
     storage.write_bytes_atomic(storage.join(output_uri, "report.md"), text.encode())
-    storage.write_bytes_atomic(storage.join(output_uri, "report.html"), html_page(rows, config.name, sheet, inputs).encode())
+    page = html_page(rows, config.name, sheet, inputs, curation.html_sections(inputs, pairs, pairs_png))
+    storage.write_bytes_atomic(storage.join(output_uri, "report.html"), page.encode())
     summary = {"report": storage.join(output_uri, "report.md"), "report_html": storage.join(output_uri, "report.html"),
                "contact_sheet": sheet_name and storage.join(output_uri, sheet_name), "stages": rows}
     storage.write_json_atomic(storage.join(output_uri, "summary.json"), summary)

@@ -145,3 +145,19 @@ def test_curate_settings_are_checked_with_the_others(value):
     bad = pipeline_configs.with_overrides(config, ["curate.phash_max_distance=40", "curate.min_side=-1"])
     with pytest.raises(pipeline_configs.ConfigError, match="curate.phash_max_distance"):
         check_settings(bad)
+
+
+def test_the_html_report_has_the_curation_section_too(tmp_path):
+    from components.report import curation
+
+    schema = pa.schema([("id", pa.string()), ("image", pa.binary())])
+    out = ShardedOutput(str(tmp_path / "curate"), "curate", "t", schema)
+    out.commit("s0", ShardResult(schema.empty_table(), [Reject("a", "duplicate", "kept b: same pixels")]), rows_in=1)
+    curated = out.finalize(["s0"], inputs=[str(tmp_path / "images")])
+    pair = {"reason": "duplicate", "kept_id": "b", "dropped_id": "a", "evidence": "same pixels"}
+    from components.report.contact_sheet import to_png
+
+    sections = curation.html_sections({"curate": curated}, [pair], to_png(Image.new("RGB", (8, 8))))
+    text = "\n".join(sections)
+    assert "<h2>Curation</h2>" in text and "duplicate" in text and "same pixels" in text and "data:image/png;base64," in text
+    assert curation.html_sections({}, [], None) == []
