@@ -52,12 +52,13 @@ def env() -> dict:
     return {**os.environ, "PYTHONPATH": str(REPO)}
 
 
-def build(source: pathlib.Path, output: pathlib.Path, count: int, bytes_per_vector: int, memory: str) -> dict:
+def build(source: pathlib.Path, output: pathlib.Path, count: int, bytes_per_vector: int, memory: str,
+          query_time_ms: float) -> dict:
     driver.ensure_index_environment()
     config = pipeline_configs.embedded("/unused")
     config.index = pipeline_configs.IndexConfig(
         source=str(source), output=str(output), max_index_memory_usage=f"{count * bytes_per_vector // 1024}KB",
-        current_memory_available=memory, min_nearest_neighbors_to_retrieve=K)
+        current_memory_available=memory, min_nearest_neighbors_to_retrieve=K, max_index_query_time_ms=query_time_ms)
     python = str(REPO / ".venvs" / "index" / "bin" / "python")
     started = time.time()
     done = subprocess.run([python, "-m", "components.knn_index.build", "--config-json", config.to_json()],
@@ -89,10 +90,20 @@ def exact_top(source: pathlib.Path, queries: np.ndarray) -> np.ndarray:
     return best_ids
 
 
-def memory_of(pid: int) -> dict:
+def memory_of(pid: int, index: pathlib.Path) -> dict:
+    """RSS, split: anonymous (the process's own heap), file-backed (libraries and mapped files), and of those the
+    pages of the index folder's files (image.index, metadata/*.arrow) resident now, from /proc/<pid>/smaps."""
     status = dict(line.split(":", 1) for line in pathlib.Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line)
     kib = {k: int(status[k].split()[0]) * 1024 for k in ("VmRSS", "RssAnon", "RssFile") if k in status}
-    return {"rss": kib.get("VmRSS", 0), "anon": kib.get("RssAnon", 0), "file": kib.get("RssFile", 0)}
+    mapped, current = 0, False
+    folder = str(index.resolve())
+    for line in pathlib.Path(f"/proc/{pid}/smaps").read_text().splitlines():
+        head = line.split()
+        if head and "-" in head[0] and len(head) >= 5 and not head[0].endswith(":"):  # a mapping's first line
+            current = len(head) >= 6 and head[5].startswith(folder)
+        elif current and line.startswith("Rss:"):
+            mapped += int(head[1]) * 1024
+    return {"rss": kib.get("VmRSS", 0), "anon": kib.get("RssAnon", 0), "file": kib.get("RssFile", 0), "index_pages": mapped}
 
 
 def cpu_seconds_of(pid: int) -> float:
@@ -160,6 +171,8 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=768)
     parser.add_argument("--budget-bytes-per-vector", type=int, default=136)
     parser.add_argument("--build-memory", default="2G", help="autofaiss's current_memory_available")
+    parser.add_argument("--query-time-ms", type=float, default=10.0,
+                        help="autofaiss's max_index_query_time_ms: it tunes nprobe to the most that answers within it")
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--seconds", type=float, default=30.0)
     parser.add_argument("--threads", type=int, default=1, help="faiss threads per query in the service")
@@ -169,6 +182,7 @@ def main() -> None:
     work = pathlib.Path(args.work or tempfile.mkdtemp(prefix="knn-bench-"))
     work.mkdir(parents=True, exist_ok=True)
     results: dict = {"count": args.count, "dim": args.dim, "clients": args.clients, "cpus": os.cpu_count(),
+                     "max_index_query_time_ms": args.query_time_ms,
                      "load_average_at_start": os.getloadavg()[0]}
     try:
         builds = {}
@@ -178,13 +192,15 @@ def main() -> None:
                 started = time.time()
                 synthetic.generate(str(source), n, dim=args.dim, queries=100, neighbours=K)
                 print(f"generated {n} vectors of dimension {args.dim} in {time.time() - started:.0f} s", flush=True)
-            builds[n] = build(source, work / f"index-{n}", n, args.budget_bytes_per_vector, args.build_memory)
+            builds[n] = build(source, work / f"index-{n}", n, args.budget_bytes_per_vector, args.build_memory,
+                              args.query_time_ms)
             b = builds[n]
             print(f"built {n}: {b['index_key']} ({b['index_param']}), {b['build_seconds']} s ({b['build_cpu_seconds']} s CPU), peak {b['peak_rss_bytes'] / 2**20:.0f} MiB, "
                   f"{b['bytes_per_vector']} bytes/vector", flush=True)
         full = builds[args.count]
-        results["build"] = {n: {k: b[k] for k in ("index_key", "index_param", "build_seconds", "build_cpu_seconds", "peak_rss_bytes",
-                                                   "index_bytes", "bytes_per_vector", "within_budget", "phases_seconds")}
+        results["build"] = {n: {k: b.get(k) for k in ("index_key", "index_param", "build_seconds", "build_cpu_seconds", "peak_rss_bytes",
+                                                   "index_bytes", "bytes_per_vector", "within_budget", "phases_seconds",
+                                                   "retune_seconds")}
                             for n, b in builds.items()}
         results["build_memory_budget"] = args.build_memory
         if len(builds) == 2:
@@ -207,7 +223,7 @@ def main() -> None:
         truth = exact_top(source, queries)
         process, port = serve(index, args.threads)
         try:
-            results["service_memory_after_load"] = memory_of(process.pid)
+            results["service_memory_after_load"] = memory_of(process.pid, index)
             answers = [[r["id"] for r in query(port, q)] for q in queries]
             results["recall_at_40"] = float(np.mean([len(set(a) & set(t)) / K for a, t in zip(answers, truth)]))
             results["planted_recall_at_40"] = float(np.mean([len(set(a) & set(p)) / K for a, p in zip(answers, planted)]))
@@ -223,7 +239,7 @@ def main() -> None:
                                      "p99": round(1000 * latencies[int(0.99 * (len(latencies) - 1))], 1),
                                      "mean": round(1000 * statistics.fmean(latencies), 1)}
             results["queries_per_second"] = round(len(latencies) / args.seconds, 1)
-            results["service_memory_after_queries"] = memory_of(process.pid)
+            results["service_memory_after_queries"] = memory_of(process.pid, index)
         finally:
             process.terminate()
             process.wait(timeout=30)
@@ -240,8 +256,8 @@ def main() -> None:
     print(f"\nrecall@40 {results['recall_at_40']:.3f} (planted {results['planted_recall_at_40']:.3f}); "
           f"p50 {results['latency_ms']['p50']} ms, p99 {results['latency_ms']['p99']} ms with {args.clients} clients "
           f"({results['service_cpu_ms_per_query']} ms of service CPU per query; load average {results['load_average_at_end']:.1f}); "
-          f"service RSS {mem['rss'] / 2**20:.0f} MiB ({mem['anon'] / 2**20:.0f} MiB its own, {mem['file'] / 2**20:.0f} MiB "
-          f"mapped pages) for {disk / 2**20:.0f} MiB on disk")
+          f"service RSS {mem['rss'] / 2**20:.0f} MiB ({mem['anon'] / 2**20:.0f} MiB its own heap, {mem['file'] / 2**20:.0f} MiB "
+          f"file-backed, of which {mem['index_pages'] / 2**20:.1f} MiB pages of the index) for {disk / 2**20:.1f} MiB of index on disk")
 
 
 if __name__ == "__main__":

@@ -48,9 +48,51 @@ def log(message: str) -> None:
 def settings_key(cfg, source: str) -> str:
     """What makes one index differ from another: the same key finds a finished index and skips the build."""
     chosen = {k: getattr(cfg, k) for k in ("source_kind", "image_url_prefix", "metadata_columns", "dim",
-                                           "max_index_memory_usage", "max_index_query_time_ms",
-                                           "min_nearest_neighbors_to_retrieve", "index_key")}
+                                           "max_index_memory_usage", "index_key")}
     return hashlib.sha256(json.dumps({"source": source, **chosen}, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def search_settings(cfg) -> dict:
+    """What autofaiss tunes the search parameters (nprobe) for: changing only these re-tunes the built index."""
+    return {"max_index_query_time_ms": cfg.max_index_query_time_ms,
+            "min_nearest_neighbors_to_retrieve": cfg.min_nearest_neighbors_to_retrieve}
+
+
+def retune(cfg, output: str, summary: dict) -> dict:
+    """autofaiss's tune_index on the built index: nprobe for new search settings, without training again."""
+    from autofaiss import tune_index
+
+    started = time.time()
+    with tempfile.TemporaryDirectory(prefix="knn-index-") as tmp:
+        local, tuned = pathlib.Path(tmp) / INDEX_FILE, pathlib.Path(tmp) / "tuned.index"
+        fs, path = storage.filesystem(storage.join(output, INDEX_FILE))
+        fs.get_file(path, str(local))
+        index = tune_index(str(local), summary["index_key"], output_index_path=str(tuned), save_on_disk=True,
+                           max_index_query_time_ms=cfg.max_index_query_time_ms,
+                           min_nearest_neighbors_to_retrieve=cfg.min_nearest_neighbors_to_retrieve)
+        param = search_param(index)
+        del index
+        _put(tuned, storage.join(output, INDEX_FILE))
+    infos_url = storage.join(output, "infos.json")
+    infos = storage.read_json(infos_url) if storage.exists(infos_url) else {}
+    summary.update({"index_param": param, "search_settings": search_settings(cfg),
+                    "retune_seconds": round(time.time() - started, 1)})
+    storage.write_json_atomic(infos_url, {**infos, "index_param": param})
+    storage.write_json_atomic(storage.join(output, MARKER), summary)
+    log(f"re-tuned {output} for {cfg.max_index_query_time_ms} ms per query: {param} ({summary['retune_seconds']} s)")
+    return summary
+
+
+def search_param(index) -> str:
+    """The search parameters an IVF index holds: nprobe, and efSearch of an HNSW coarse quantizer."""
+    import faiss
+
+    ivf = faiss.extract_index_ivf(index)
+    parts = [f"nprobe={ivf.nprobe}"]
+    hnsw = getattr(faiss.downcast_index(ivf.quantizer), "hnsw", None)
+    if hnsw is not None:
+        parts.append(f"efSearch={hnsw.efSearch}")
+    return ",".join(parts)
 
 
 def resolve_kind(source: str, kind: str) -> str:
@@ -130,8 +172,11 @@ def build(cfg, source: str, output: str, force: bool = False) -> dict:
     key = settings_key(cfg, source)
     marker = storage.join(output, MARKER)
     if not force and storage.exists(marker) and storage.read_json(marker).get("settings_key") == key:
+        summary = storage.read_json(marker)
+        if summary.get("search_settings", search_settings(cfg)) != search_settings(cfg):
+            return retune(cfg, output, summary)
         log(f"{output} already holds this index (index.json; rebuild with --force)")
-        return storage.read_json(marker)
+        return summary
     kind = resolve_kind(source, cfg.source_kind)
     started, cpu_started = time.time(), _cpu_seconds()
     with PeakMemory() as peak:
@@ -169,7 +214,7 @@ def build(cfg, source: str, output: str, force: bool = False) -> dict:
     summary = {
         "format": FORMAT, "settings_key": key, "source": source, "source_kind": kind, "count": found.count,
         "dim": found.dim, "metric": "inner_product", "index_key": infos.get("index_key", ""),
-        "index_param": infos.get("index_param", ""), "index_bytes": index_bytes,
+        "index_param": infos.get("index_param", ""), "search_settings": search_settings(cfg), "index_bytes": index_bytes,
         "bytes_per_vector": round(index_bytes / found.count, 2), "metadata_columns": columns,
         "metadata_files": metadata_files, "sources": sources, "max_index_memory_usage": cfg.max_index_memory_usage,
         "current_memory_available": cfg.current_memory_available, "build_seconds": round(time.time() - started, 1),

@@ -253,3 +253,26 @@ def test_serve_command_answers_once_loaded_and_stops_on_sigterm(built, tmp_path)
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=30) == 0
     assert f"{INDICE}: {COUNT} vectors of dimension {DIM}" in process.stderr.read()
+
+
+def test_new_search_settings_retune_without_training_again(planted_set, tmp_path):
+    """Only the query-time budget changed: autofaiss's tune_index sets nprobe on the built index (no new training)."""
+    import shutil
+
+    out = tmp_path / "index"
+    assert build(str(planted_set), str(out)).returncode == 0
+    first = json.loads((out / "index.json").read_text())
+    mtime = (out / "metadata" / "metadata_00000.arrow").stat().st_mtime_ns
+    again = build(str(planted_set), str(out), max_index_query_time_ms=0.05)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "re-tuned" in again.stderr and "Training the index" not in again.stderr
+    summary = json.loads((out / "index.json").read_text())
+    assert summary["search_settings"]["max_index_query_time_ms"] == 0.05 and "retune_seconds" in summary
+    assert summary["build_seconds"] == first["build_seconds"]  # the build's own record is kept
+    assert (out / "metadata" / "metadata_00000.arrow").stat().st_mtime_ns == mtime
+    index = knn_index.KnnIndex(str(out))
+    import faiss
+
+    assert summary["index_param"] == f"nprobe={faiss.extract_index_ivf(index.index).nprobe}"
+    assert int(summary["index_param"].split("=")[1]) <= int(first["index_param"].split("=")[1])
+    shutil.rmtree(out)
