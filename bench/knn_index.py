@@ -165,6 +165,34 @@ def load_test(port: int, queries: np.ndarray, clients: int, seconds: float) -> l
     return latencies
 
 
+def nprobe_sweep(index: pathlib.Path, queries: np.ndarray, truth: np.ndarray) -> dict:
+    """recall@40 and search CPU per query (one thread, in this process) at other nprobe values than autofaiss's."""
+    import resource
+
+    import faiss
+
+    from components.laion_retrieval.index import KnnIndex
+
+    def cpu() -> float:
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        return usage.ru_utime + usage.ru_stime
+
+    faiss.omp_set_num_threads(1)
+    loaded = KnnIndex(str(index))
+    ivf = faiss.extract_index_ivf(loaded.index)
+    hnsw = getattr(faiss.downcast_index(ivf.quantizer), "hnsw", None)
+    sweep = {}
+    for nprobe in sorted({4, 8, 16, 32, 64, ivf.nprobe}):
+        ivf.nprobe = nprobe
+        if hnsw is not None:
+            hnsw.efSearch = max(2 * nprobe, 32)
+        start = cpu()
+        found = [loaded.index.search(q.reshape(1, -1), K)[1][0] for q in queries]
+        sweep[nprobe] = {"recall_at_40": round(float(np.mean([len(set(a) & set(t)) / K for a, t in zip(found, truth)])), 4),
+                         "search_cpu_ms": round(1000 * (cpu() - start) / len(queries), 2)}
+    return sweep
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--count", type=int, default=200_000)
@@ -243,6 +271,7 @@ def main() -> None:
         finally:
             process.terminate()
             process.wait(timeout=30)
+        results["nprobe_sweep"] = nprobe_sweep(index, queries, truth)
         on_disk = (index / "image.index").stat().st_size + sum(p.stat().st_size for p in (index / "metadata").iterdir())
         results["index_on_disk_bytes"] = on_disk
         results["load_average_at_end"] = os.getloadavg()[0]
