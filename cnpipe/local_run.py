@@ -77,6 +77,8 @@ def prepare_embedded(config, run_root: str, run_dir: pathlib.Path):
     else:
         raise RuntimeError("the embedded web/kNN service did not start (see its log above)")
     storage.write_bytes_atomic(remembered, ready.read_bytes())
+    if config.retrieval.service_url:  # a preset that names its own kNN service (embedded-own-index) keeps it
+        return config, web
     knn_url = json.loads(ready.read_text())["knn_url"]
     return pipeline_configs.with_overrides(config, [f"retrieval.service_url={knn_url}"]), web
 
