@@ -11,7 +11,7 @@ for fam in $FAMILIES; do
   [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$(lock_sha "$fam")" ] || todo+=("$fam")
 done
 [ ${#todo[@]} -gt 0 ] || exit 0
-# Say what takes the time: a first set-up installs a few hundred packages (about 4.3 GB under .venvs/ in all).
+# Say what takes the time: a first set-up installs a few hundred packages (about 4.6 GB under .venvs/ in all).
 echo "setting up ${#todo[@]} environment(s) under .venvs/: ${todo[*]} (the first time takes a few minutes)" >&2
 PY=${PYTHON:-python3.11}
 command -v "$PY" >/dev/null || PY=python3
