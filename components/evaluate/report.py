@@ -92,9 +92,11 @@ def markdown(summary: dict, per_sample: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def html_page(summary: dict, per_sample: list[dict], grid_png: bytes, training_records: list[dict]) -> str:
+def html_page(summary: dict, per_sample: list[dict], grid_png: bytes, training_records: list[dict],
+              fidelity_png: bytes | None = None) -> str:
     """report.md as one self-contained page for the Kubeflow UI (its Markdown viewer cannot show grid.png from the
-    bucket): the grid inlined, the metrics and yardsticks, the training curve as inline SVG, the prompts."""
+    bucket): the grid and the fidelity plot inlined, the metrics and yardsticks, the training curve as inline SVG,
+    the prompts."""
     from components.report import html
 
     sections = [
@@ -108,6 +110,8 @@ def html_page(summary: dict, per_sample: list[dict], grid_png: bytes, training_r
                    [[name, _number((summary.get("metrics_untrained") or {}).get(name)), _number(value)]
                     for name, value in summary["metrics"].items()], numeric={1, 2}),
     ]
+    if fidelity_png:
+        sections.append(html.figure(fidelity_png, "control fidelity, untrained vs trained"))
     table = summary.get("fidelity_yardsticks") or {}
     if table:
         sections += ["<h3>Control fidelity against its floor and ceiling</h3>", html.table(
@@ -138,8 +142,10 @@ def write_html(output_uri: str, trained_uri: str, summary: dict, per_sample: lis
     metrics = storage.join(trained_uri, "metrics.jsonl")
     records = ([json.loads(line) for line in storage.read_bytes(metrics).decode().splitlines() if line.strip()]
                if storage.exists(metrics) else [])
+    fidelity = storage.join(output_uri, summary["fidelity_png"]) if summary.get("fidelity_png") else None
+    fidelity_png = storage.read_bytes(fidelity) if fidelity and storage.exists(fidelity) else None
     storage.write_bytes_atomic(storage.join(output_uri, "report.html"),
-                               html_page(summary, per_sample, grid_png, records).encode())
+                               html_page(summary, per_sample, grid_png, records, fidelity_png).encode())
 
 
 def write_html_from_outputs(output_uri: str, trained_uri: str) -> None:

@@ -81,11 +81,11 @@ def _read_if_there(uri: str) -> bytes | None:
     return storage.read_bytes(uri) if storage.exists(uri) else None
 
 
-def html_page(rows: list[dict], run_name: str, sheet: bytes | None, inputs: dict, curated: list[str] = ()) -> str:
-    """The report as one self-contained page for the Kubeflow UI: the tables of report.md, rows in/out per stage as a
-    chart, the contact sheet, the training curve and the evaluation grid and metrics, every picture inlined."""
-    import json
-
+def html_page(rows: list[dict], run_name: str, sheet: bytes | None, inputs: dict, curated: list[str] = (),
+              output_uri: str = "") -> str:
+    """The report as one self-contained page for the Kubeflow UI: what report.md shows, every picture inlined (the
+    contact sheet, the curation pairs, and the plots and grid that training.section wrote beside report.md in
+    `output_uri`), plus rows in/out per stage as an inline SVG chart."""
     sections = [f'<p class="muted">Written {_dt.datetime.now(_dt.timezone.utc):%Y-%m-%d %H:%M UTC}.</p>', "<h2>Rows per stage</h2>",
                 html.table(["stage", "rows in", "rows out", "rows rejected", "output"],
                            [[r["stage"], r.get("rows_in", ""), r.get("rows_out", ""), r.get("rows_rejected", ""), r["uri"]]
@@ -101,22 +101,34 @@ def html_page(rows: list[dict], run_name: str, sheet: bytes | None, inputs: dict
     if sheet:
         sections += ["<h2>Contact sheet</h2>", html.figure(sheet, "contact sheet", "image, captions and control images per sample row")]
     sections += list(curated)  # curation: rows removed per reason, duplicate pairs (components/report/curation.py)
+    return html.page(f"Run report: {run_name}", sections + _training_html(inputs, output_uri))
+
+
+def _training_html(inputs: dict, output_uri: str) -> list[str]:
+    """training.section's part of report.md as HTML: the loss curve, the evaluation grid, the fidelity plot and the
+    untrained-vs-trained metrics, the pictures read back from where it wrote them."""
+    picture = (lambda name: _read_if_there(storage.join(output_uri, name))) if output_uri else (lambda name: None)
+    sections = []
     train = inputs.get("controlnet_train")
-    metrics_lines = _read_if_there(storage.join(train.uri, "metrics.jsonl")) if isinstance(train, StageOutput) else None
-    if metrics_lines:
-        records = [json.loads(line) for line in metrics_lines.decode().splitlines() if line.strip()]
-        sections += ["<h2>Training</h2>", html.training_curve(records)]
+    loss = picture(training.LOSS_PNG)
+    if isinstance(train, StageOutput) and loss:
+        sections += ["<h2>Training</h2>", html.figure(loss, "training loss", f"from {train.uri}/metrics.jsonl")]
     evaluated = inputs.get("evaluate")
     if isinstance(evaluated, StageOutput):
-        grid = _read_if_there(storage.join(evaluated.uri, "grid.png"))
-        metrics = evaluated.summary.get("metrics") or {}
-        sections.append("<h2>Evaluation</h2>")
-        if metrics:
-            sections.append(html.table(["metric", "value"], [[k, f"{v:.4g}" if isinstance(v, float) else v]
-                                                             for k, v in metrics.items()], numeric={1}))
+        sections.append("<h2>How much training helped</h2>")
+        grid, bars = picture(training.GRID_PNG), picture(training.FIDELITY_PNG)
         if grid:
-            sections.append(html.figure(grid, "evaluation grid", "control | generated | reference"))
-    return html.page(f"Run report: {run_name}", sections)
+            sections.append(html.figure(grid, "control | untrained | trained | reference",
+                                        "Rows: control | untrained ControlNet (the base alone) | trained ControlNet | "
+                                        "reference, held-out controls, the same prompt and seed in each row."))
+        if bars:
+            sections.append(html.figure(bars, "control fidelity, untrained vs trained"))
+        trained, untrained = evaluated.summary.get("metrics") or {}, evaluated.summary.get("metrics_untrained") or {}
+        if trained:
+            sections.append(html.table(["metric", "untrained ControlNet", "trained ControlNet"],
+                                       [[k, training._number(untrained.get(k)), training._number(v)] for k, v in trained.items()],
+                                       numeric={1, 2}))
+    return sections
 
 
 def run(config, inputs: dict, output_uri: str) -> StageOutput:
@@ -137,7 +149,7 @@ def run(config, inputs: dict, output_uri: str) -> StageOutput:
     helped = training.section(inputs, output_uri)  # loss curve and untrained-vs-trained fidelity, as PNG plots
     text += "\n".join(helped) + ("\n" if helped else "")
     storage.write_bytes_atomic(storage.join(output_uri, "report.md"), text.encode())
-    page = html_page(rows, config.name, sheet, inputs, curation.html_sections(inputs, pairs, pairs_png))
+    page = html_page(rows, config.name, sheet, inputs, curation.html_sections(inputs, pairs, pairs_png), output_uri)
     storage.write_bytes_atomic(storage.join(output_uri, "report.html"), page.encode())
     summary = {"report": storage.join(output_uri, "report.md"), "report_html": storage.join(output_uri, "report.html"),
                "contact_sheet": sheet_name and storage.join(output_uri, sheet_name), "stages": rows}

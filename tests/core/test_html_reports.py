@@ -41,19 +41,31 @@ ROWS = [
 ]
 
 
-def test_the_run_report_inlines_the_contact_sheet_the_grid_and_the_training_curve(tmp_path):
-    sheet, grid = png(300, 200), png(192, 64)
+def test_the_run_report_inlines_every_picture_report_md_shows(tmp_path):
+    """The contact sheet, and the loss curve, evaluation grid and fidelity plot that the training section writes
+    beside report.md: each inlined, none linked; rows per stage as an inline SVG chart."""
+    from components.report import training
+
+    sheet, grid = png(300, 200), png(256, 64)
     (tmp_path / "train").mkdir()
     (tmp_path / "train" / "metrics.jsonl").write_text("".join(
         json.dumps({"step": s, "loss": 1.0 / s, "lr": 1e-4}) + "\n" for s in range(1, 11)))
     (tmp_path / "evaluate").mkdir()
     (tmp_path / "evaluate" / "grid.png").write_bytes(grid)
+    metrics = {"clip_score": 21.5, "canny_f1": 0.41, "canny_f1_reference": 0.9, "canny_f1_noise": 0.3}
     inputs = {"controlnet_train": StageOutput(str(tmp_path / "train"), {"steps": 10}),
-              "evaluate": StageOutput(str(tmp_path / "evaluate"), {"metrics": {"clip_score": 21.5, "canny_f1": 0.41}})}
-    page = html_page(ROWS, "embedded <test>", sheet, inputs)
-    assert [decoded(s) for s in sources(page)] == [sheet, grid]
-    assert page.count("<svg") == 2 and "<polyline" in page  # rows in/out per stage, the training curve
-    assert "no_pose" in page and "exif_rotated" in page and "clip_score" in page and "21.5" in page
+              "evaluate": StageOutput(str(tmp_path / "evaluate"), {"metrics": metrics,
+                                                                  "metrics_untrained": {"clip_score": 20.0, "canny_f1": 0.3}})}
+    out = tmp_path / "report"
+    markdown = "\n".join(training.section(inputs, str(out)))  # writes the pictures report.md links
+    linked = re.findall(r"!\[[^]]*\]\(([^)]+)\)", markdown)
+    assert sorted(linked) == sorted([training.LOSS_PNG, training.GRID_PNG, training.FIDELITY_PNG])
+    page = html_page(ROWS, "embedded <test>", sheet, inputs, output_uri=str(out))
+    assert [decoded(s) for s in sources(page)] == [sheet] + [(out / name).read_bytes() for name in
+                                                             (training.LOSS_PNG, training.GRID_PNG, training.FIDELITY_PNG)]
+    assert decoded(sources(page)[2]) == grid
+    assert page.count("<svg") == 1  # rows in/out per stage
+    assert "no_pose" in page and "exif_rotated" in page and "untrained ControlNet" in page and "21.5" in page
     assert "embedded &lt;test&gt;" in page and "<test>" not in page
     assert "gs://b/r/hub_load" in page and 'src="gs://' not in page
 
@@ -91,13 +103,16 @@ def test_the_evaluation_page_inlines_its_grid_and_plots_the_training_it_evaluate
     (tmp_path / "trained" / "metrics.jsonl").write_text(json.dumps({"step": 5, "loss": 0.5, "lr": 1e-5}) + "\n"
                                                         + json.dumps({"step": 10, "loss": 0.4, "lr": 1e-5}) + "\n")
     out = tmp_path / "evaluate"
-    evaluate_report.write_html(str(out), str(tmp_path / "trained"), SUMMARY, PER_SAMPLE, grid)
+    bars = png(64, 32)
+    out.mkdir()
+    (out / "fidelity.png").write_bytes(bars)
+    evaluate_report.write_html(str(out), str(tmp_path / "trained"), {**SUMMARY, "fidelity_png": "fidelity.png"}, PER_SAMPLE, grid)
     page = (out / "report.html").read_text()
-    assert [decoded(s) for s in sources(page)] == [grid]
+    assert [decoded(s) for s in sources(page)] == [grid, bars]
     assert "<polyline" in page and "fd_clip" in page and "uniform noise images (the floor)" in page
     assert "a &lt;b&gt;cat&lt;/b&gt;" in page and "(empty prompt)" in page
     # an evaluation finished before report.html existed: the same page from what it left
-    (out / "metrics.json").write_text(json.dumps({**SUMMARY, "per_sample": PER_SAMPLE}))
+    (out / "metrics.json").write_text(json.dumps({**SUMMARY, "fidelity_png": "fidelity.png", "per_sample": PER_SAMPLE}))
     (out / "grid.png").write_bytes(grid)
     (out / "report.html").unlink()
     evaluate_report.write_html_from_outputs(str(out), str(tmp_path / "trained"))

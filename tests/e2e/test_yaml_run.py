@@ -141,12 +141,15 @@ def test_the_ui_gets_html_reports_with_every_picture_inlined(yaml_run):
     report, evaluate = run.task("report"), run.task("evaluate")
     page = pathlib.Path(report.outputs["report_html"]["uri"]).read_text()
     images = inlined_images(page)
-    assert (run_root / "report" / "contact_sheet.png").read_bytes() in images
+    shown = re.findall(r"!\[[^]]*\]\(([^)]+\.png)\)", (run_root / "report" / "report.md").read_text())
+    assert "contact_sheet.png" in shown and len(shown) >= 3  # contact sheet, loss curve, evaluation grid, ...
+    assert [(run_root / "report" / name).read_bytes() for name in shown] == images  # every picture report.md shows
     assert (run_root / "evaluate" / "grid.png").read_bytes() in images
-    assert "<svg" in page and "no_pose" in page  # the training curve and rows per stage; rejections by reason
+    assert "<svg" in page and "no_pose" in page  # rows per stage as a chart; rejections by reason
     page = pathlib.Path(evaluate.outputs["report_html"]["uri"]).read_text()
-    assert inlined_images(page) == [(run_root / "evaluate" / "grid.png").read_bytes()]
-    assert "<svg" in page and "clip_score" in page
+    shown = re.findall(r"!\[[^]]*\]\(([^)]+\.png)\)", (run_root / "evaluate" / "report.md").read_text())
+    assert inlined_images(page) == [(run_root / "evaluate" / name).read_bytes() for name in shown]
+    assert "<svg" in page and "clip_score" in page  # the training curve
     assert "grid.png" in pathlib.Path(evaluate.outputs["report_md"]["uri"]).read_text()
     assert "clip_score" in evaluate.outputs["metrics"]["metadata"]
     for task in (report, evaluate):
