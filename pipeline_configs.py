@@ -566,6 +566,7 @@ def production(bucket: str = "gs://controlnet-pipeline-data") -> PipelineConfig:
             num_images=200,
         ),
         kubeflow=KubeflowConfig(pipeline_root=f"{bucket}/kfp-root"),
+        images=ImagesConfig(train_variant="tpu"),  # the train task runs on the TPU v5e node pool (StageResources)
         # embeddings in clip-retrieval's layout (released ones you may use, or clip-retrieval inference's output)
         index=IndexConfig(source=f"{bucket}/embeddings", output=f"{bucket}/knn-index"),
     )
@@ -610,7 +611,8 @@ def embedded_fill(assets: str = EMBEDDED_ASSETS) -> PipelineConfig:
     filled circle of one colour on a background of another, the prompt naming both, canny of the image its outline)
     and a tiny SD-style base pretrained on it, both made once under <assets>/fill/ by `prepare_embedded`. Retrieval
     contributes nothing (no prompts, no image queries: the pool's photos are not of this domain), so the generated
-    folder is the dataset; Canny at the images' own 64 px."""
+    folder is the dataset; curate is off (synthetic, no duplicates to find, and pHash would call circles of one
+    colour pair near duplicates). Canny at the images' own 64 px."""
     config = embedded(assets)
     config.name = "embedded-fill"
     config.hub_load.source = f"{assets}/fill/seeds"
@@ -618,6 +620,7 @@ def embedded_fill(assets: str = EMBEDDED_ASSETS) -> PipelineConfig:
     config.hub_load.encode_format = "png"
     config.retrieval.prompts = []
     config.retrieval.use_image_seeds = False
+    config.curate.enabled = False
     config.conditioning.types = ["canny"]
     config.conditioning.detect_resolution = 0
     config.base_model.path = f"{assets}/fill/tiny-sd-fill"

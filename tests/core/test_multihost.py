@@ -30,7 +30,7 @@ def test_manifest_has_one_pod_per_host_with_jax_environment_and_tpu_topology():
     assert pod["nodeSelector"] == {"cloud.google.com/gke-tpu-accelerator": "tpu-v5-lite-podslice", "cloud.google.com/gke-tpu-topology": "2x4"}
     assert container["resources"]["limits"]["google.com/tpu"] == "8"
     assert [t["key"] for t in pod["tolerations"]] == ["google.com/tpu"]
-    assert container["image"].endswith("controlnet-train-cuda12:0.1.0")
+    assert container["image"].endswith("controlnet-train-tpu:0.1.0")  # TPU hosts run the TPU build of the image
     argv = container["command"]
     assert argv[:3] == ["python", "-m", "components.controlnet_train"]
     assert "encoded=gs://b/runs/r/encode" in argv and argv[-1] == "gs://b/runs/r/controlnet_train"

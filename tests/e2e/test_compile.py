@@ -47,7 +47,7 @@ def test_every_stage_is_a_task_on_its_family_image(tmp_path):
     for name, task, executor, stage in tasks:
         image = executors[executor]["container"]["image"]
         family = STAGES[stage].family
-        suffix = "-cuda12" if family == "train" else ""
+        suffix = "-tpu" if family == "train" else ""  # the production preset trains on TPU v5e
         assert image == f"registry.example.com/controlnet-pipeline/controlnet-{family}{suffix}:v9"
 
 
