@@ -179,7 +179,7 @@ def _interrupt_while(stage: str, argv: list[str], env: dict) -> str:
             break
         time.sleep(0.2)
     assert process.poll() is None, f"the run ended before {stage} started: {process.stderr.read()[-3000:]}"
-    time.sleep(1.0)  # into the stage's work
+    # at once: a stage the cache makes short (training with a warm compilation cache) may otherwise be over already
     os.killpg(process.pid, signal.SIGINT)  # what Ctrl-C does: SIGINT to the terminal's foreground group
     stopped = time.time()
     _, stderr = process.communicate(timeout=60)
