@@ -305,9 +305,11 @@ def save(args, compile_out=None, state_out=None) -> None:
         merged = {key(r): r for r in payload["compile"].get("results", []) + compile_out["results"]}
         compile_out = {**compile_out, "parameters": {**payload["compile"].get("parameters", {}), **compile_out["parameters"]},
                        "results": sorted(merged.values(), key=key)}
-        payload["compile"] = {**compile_out, "fits": fits(compile_out)}
+        payload["compile"] = compile_out
     if state_out is not None:
         payload["state"] = state_out
+    if payload["compile"].get("results"):
+        payload["compile"]["fits"] = fits(payload["compile"])
     benchlib.write_result("train_memory", payload, libraries=("jax", "jaxlib", "flax", "optax", "diffusers"))
 
 
