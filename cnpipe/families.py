@@ -48,6 +48,10 @@ def last_lines(tail: bytes, count: int = 12) -> str:
 
 
 STOP_GRACE_S = 5.0  # how long a stopped stage gets to clean up (its temporaries, its workers) before SIGKILL
+# Set by the local driver for its tasks: Ctrl-C reaches the driver and its tasks at once (one process group), and a
+# task that stopped its stage on SIGINT raced the driver, which then could no longer see which stage was running.
+# Under the driver a task leaves SIGINT to it and stops its stage on the driver's SIGTERM.
+DRIVER_STOPS_ENV = "CNPIPE_DRIVER_STOPS_TASKS"
 
 
 def stop_group(process: subprocess.Popen, grace: float = STOP_GRACE_S) -> None:
@@ -73,7 +77,8 @@ def stop_stage_on_signal(process: subprocess.Popen):
         stop_group(process)
         os._exit(128 + signum)
 
-    saved = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    on_interrupt = signal.SIG_IGN if os.environ.get(DRIVER_STOPS_ENV) == "1" else stop
+    saved = {signal.SIGINT: signal.signal(signal.SIGINT, on_interrupt), signal.SIGTERM: signal.signal(signal.SIGTERM, stop)}
     try:
         yield
     finally:

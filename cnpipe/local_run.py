@@ -199,7 +199,7 @@ def stop_everything_on_signal(run_id: str):
     how to resume. Without this, kfp.local retried an interrupted task and an orphaned worker held the run open."""
     import psutil
 
-    from cnpipe.families import STOP_GRACE_S
+    from cnpipe.families import DRIVER_STOPS_ENV, STOP_GRACE_S
 
     def stop(signum, _frame):
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the clean-up short
@@ -219,9 +219,11 @@ def stop_everything_on_signal(run_id: str):
         os._exit(128 + signum)
 
     saved = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    os.environ[DRIVER_STOPS_ENV] = "1"  # the tasks leave Ctrl-C to this handler, which sees every stage still running
     try:
         yield
     finally:
+        os.environ.pop(DRIVER_STOPS_ENV, None)
         for sig, handler in saved.items():
             signal.signal(sig, handler)
 

@@ -162,20 +162,27 @@ def _processes_tagged(tag: str) -> list:
     return found
 
 
+def _command_line(process) -> str:
+    """The process's command line, or "" when it ended (or became a zombie) since it was listed."""
+    import psutil
+
+    try:
+        return " ".join(process.cmdline())
+    except psutil.Error:
+        return ""
+
+
 def _interrupt_while(stage: str, argv: list[str], env: dict) -> str:
     """Start the run as a terminal would (its own process group), press Ctrl-C once `stage` runs; its stderr."""
     import os
     import signal
     import time
 
-    import psutil
-
     process = subprocess.Popen(argv, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                start_new_session=True)
     deadline = time.time() + 600
     while time.time() < deadline and process.poll() is None:
-        running = [p for p in _processes_tagged(env["CNPIPE_TEST_TAG"]) if f"components.{stage}" in " ".join(p.cmdline())]
-        if running:
+        if any(f"components.{stage}" in _command_line(p) for p in _processes_tagged(env["CNPIPE_TEST_TAG"])):
             break
         time.sleep(0.2)
     assert process.poll() is None, f"the run ended before {stage} started: {process.stderr.read()[-3000:]}"
