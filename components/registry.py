@@ -43,7 +43,9 @@ STAGES = {
     ]
 }
 
-FAMILIES = ("core", "vision", "download", "conditioning", "train")
+# index: autofaiss's environment (it pins numpy<2), for the kNN index build (`pipeline.py index`, its own kfp
+# pipeline: components/knn_index/component.py); no stage of the data/training pipeline runs in it.
+FAMILIES = ("core", "vision", "download", "conditioning", "train", "index")
 
 
 def check_settings(config) -> None:
