@@ -1,4 +1,5 @@
-"""Serve index folders over clip-retrieval's HTTP API (components/laion_retrieval/knn_service.py), memory-mapped.
+"""Serve index folders over clip-retrieval's HTTP API (components/laion_retrieval/knn_service.py, on aiohttp:
+knn_aio.py), memory-mapped.
 Runs in the vision family's environment (faiss, and the CLIP text model for text queries).
 
     python -m components.knn_index.serve --index NAME=FOLDER [--index ...] [--clip-model M] [--host H] [--port P]
@@ -21,7 +22,7 @@ import time
 
 from cnpipe import storage
 from components.laion_retrieval import index as knn_index
-from components.laion_retrieval import knn_service
+from components.laion_retrieval import knn_aio, knn_service
 
 
 def log(message: str) -> None:
@@ -96,7 +97,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--port", type=int, default=1234)
     parser.add_argument("--allow-public-bind", action="store_true", help="bind a non-loopback address (in a pod: 0.0.0.0)")
     parser.add_argument("--threads", type=int, default=1,
-                        help="faiss threads per query (many concurrent queries are served by threads; 1 avoids oversubscription)")
+                        help="faiss threads per batch of searches (concurrent queries are searched together)")
     parser.add_argument("--ready-file", default="", help="written with the port once serving")
     args = parser.parse_args(argv)
     signal.signal(signal.SIGINT, signal.SIG_DFL)  # stopped while loading: end at once
@@ -105,8 +106,8 @@ def main(argv: list[str] | None = None) -> None:
     faiss.omp_set_num_threads(max(1, args.threads))
     indices = load(parse_indices(args.index, args.indices_paths), args.local_dir)
     embed_text = knn_service.ClipTextEmbedder(args.clip_model) if args.clip_model else NoTextModel()
-    server = knn_service.serve(knn_service.make_handler(indices, embed_text), host=args.host, port=args.port,
-                               allow_public_bind=args.allow_public_bind)
+    server = knn_aio.serve(knn_service.KnnApi(indices, embed_text, args.threads), host=args.host, port=args.port,
+                           allow_public_bind=args.allow_public_bind)
     port = server.server_address[1]
     log(f"serving {', '.join(sorted(indices))} on http://{args.host}:{port}/knn-service "
         f"(POST /knn-service, GET /indices-list){'' if args.clip_model else '; embedding queries only'}")

@@ -77,14 +77,26 @@ class KnnIndex:
     def index_bytes(self) -> int:
         return (self.folder / INDEX_FILE).stat().st_size
 
-    def search(self, query: np.ndarray, k: int) -> list[dict]:
-        query = np.asarray(query, dtype=np.float32).reshape(1, -1)
-        if query.shape[1] != self.dim:
-            raise ValueError(f"query has {query.shape[1]} dimensions, the index {self.dim}")
+    def prepare(self, query) -> np.ndarray:
+        """One query as the index takes it (float32, unit length), or a ValueError saying what is wrong with it."""
+        query = np.asarray(query, dtype=np.float32).reshape(-1)
+        if query.shape[0] != self.dim:
+            raise ValueError(f"query has {query.shape[0]} dimensions, the index {self.dim}")
         if not np.isfinite(query).all():
             raise ValueError("query holds a NaN or infinite value")
-        query = query / max(float(np.linalg.norm(query)), 1e-12)
-        scores, ids = self.index.search(query, max(1, min(int(k), self.index.ntotal)))
-        found = [(float(s), int(i)) for s, i in zip(scores[0], ids[0]) if i >= 0]
-        rows = self.metadata.take(pa.array([i for _, i in found], pa.int64())).select(self.columns).to_pylist()
-        return [{**row, "id": i, "similarity": s} for (s, i), row in zip(found, rows)]
+        return query / max(float(np.linalg.norm(query)), 1e-12)
+
+    def search(self, query: np.ndarray, k: int) -> list[dict]:
+        return self.search_batch(self.prepare(query).reshape(1, -1), [k])[0]
+
+    def search_batch(self, queries: np.ndarray, ks: list[int]) -> list[list[dict]]:
+        """Prepared queries searched in one faiss call, their rows read in one metadata take: per query, far
+        cheaper than one call each (faiss splits a batch over its threads)."""
+        ks = [max(1, int(k)) for k in ks]
+        k = min(max(ks), self.index.ntotal)
+        scores, ids = self.index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
+        found = [[(float(s), int(i)) for s, i in zip(row_s[:want], row_i[:want]) if i >= 0]
+                 for row_s, row_i, want in zip(scores, ids, ks)]
+        flat = [i for hits in found for _, i in hits]
+        rows = iter(self.metadata.take(pa.array(flat, pa.int64())).select(self.columns).to_pylist())
+        return [[{**next(rows), "id": i, "similarity": s} for s, i in hits] for hits in found]

@@ -1,5 +1,6 @@
-"""clip-retrieval's `/knn-service` protocol end to end: a faiss index built by laion_retrieval.index, served by
-knn_service on loopback, queried by knn_client with the body ClipClient sends (text and embedding queries)."""
+"""clip-retrieval's `/knn-service` protocol end to end: a faiss index built by laion_retrieval.index, served on
+loopback by knn_service's threaded server (the embedded stand-in) and by knn_aio's (serve-index), queried by
+knn_client with the body ClipClient sends (text and embedding queries)."""
 from __future__ import annotations
 
 import io
@@ -13,7 +14,7 @@ import requests
 
 import pipeline_configs
 from components.laion_retrieval import index as knn_index
-from components.laion_retrieval import knn_service
+from components.laion_retrieval import knn_aio, knn_service
 from components.laion_retrieval.knn_client import KnnClient, KnnServiceError
 
 INDICE = "test-index"
@@ -42,32 +43,48 @@ def vectors(tiny_clip) -> np.ndarray:
 
 
 class Service:
-    def __init__(self, folder: str, tiny_clip: str):
+    def __init__(self, folder: str, tiny_clip: str, server: str):
         self.bodies: list[dict] = []
         self.text_embedder = knn_service.ClipTextEmbedder(tiny_clip)
-        base = knn_service.make_handler({INDICE: knn_index.KnnIndex(folder)}, self.text_embedder)
+        indices = {INDICE: knn_index.KnnIndex(folder)}
         service = self
+        if server == "aiohttp":
+            api = knn_service.KnnApi(indices, self.text_embedder)
+            parse = api.parse
 
-        class Recording(base):
-            def do_POST(self):
-                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            def recording(path, body):
                 service.bodies.append(json.loads(body))
-                self.rfile = io.BytesIO(body)
-                super().do_POST()
+                return parse(path, body)
 
-        self.server = knn_service.serve(Recording)
+            api.parse = recording
+            self.server = knn_aio.serve(api)
+        else:
+            base = knn_service.make_handler(indices, self.text_embedder)
+
+            class Recording(base):
+                def do_POST(self):
+                    body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                    service.bodies.append(json.loads(body))
+                    self.rfile = io.BytesIO(body)
+                    super().do_POST()
+
+            self.server = knn_service.serve(Recording)
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
 
+    def stop(self) -> None:
+        self.server.shutdown()
+        if hasattr(self.server, "server_close"):
+            self.server.server_close()
 
-@pytest.fixture(scope="module")
-def service(tmp_path_factory, vectors, tiny_clip):
+
+@pytest.fixture(scope="module", params=["threaded", "aiohttp"])
+def service(request, tmp_path_factory, vectors, tiny_clip):
     folder = tmp_path_factory.mktemp("knn-index")
     knn_index.build(vectors, [f"http://example.com/{i}.jpg" for i in range(len(vectors))],
                     [f"caption {i}" for i in range(len(vectors))], str(folder))
-    running = Service(str(folder), tiny_clip)
+    running = Service(str(folder), tiny_clip, request.param)
     yield running
-    running.server.shutdown()
-    running.server.server_close()
+    running.stop()
 
 
 def client(service, **retrieval) -> KnnClient:
@@ -162,6 +179,8 @@ def test_serve_refuses_non_loopback_hosts(host):
     handler = knn_service.make_handler({}, lambda text: None)
     with pytest.raises(ValueError, match="allow_public_bind"):
         knn_service.serve(handler, host=host)
+    with pytest.raises(ValueError, match="allow_public_bind"):
+        knn_aio.serve(knn_service.KnnApi({}, lambda text: None), host=host)
 
 
 def test_serve_binds_a_public_host_only_when_allowed():
