@@ -43,7 +43,7 @@ if __name__ == "__main__":
 from kfp import dsl  # noqa: E402
 
 import pipeline_configs  # noqa: E402
-from cnpipe.kfp_tasks import configure  # noqa: E402
+from orchestration.kfp_tasks import configure  # noqa: E402
 from components.blip_caption.component import blip_caption  # noqa: E402
 from components.clip_embed.component import clip_embed  # noqa: E402
 from components.conditioning.component import conditioning  # noqa: E402
@@ -61,7 +61,7 @@ from components.report.component import report  # noqa: E402
 
 def build(config: pipeline_configs.PipelineConfig):
     """The pipeline for `config`: its JSON is the default of the `config_json` parameter, and every task
-    runs in the image of its stage's family with the resources the config gives it (cnpipe.kfp_tasks)."""
+    runs in the image of its stage's family with the resources the config gives it (orchestration.kfp_tasks)."""
 
     def on_image(task, stage: str, family: str = ""):
         return configure(task, stage, config, family)
@@ -147,7 +147,7 @@ def _credentials_out_of_config(config: pipeline_configs.PipelineConfig, command:
 
 
 def cmd_run(args) -> int:
-    from cnpipe import local_run
+    from orchestration import local_run
 
     return local_run.run(load_config(args), build, run_id=args.run_id)
 
@@ -164,7 +164,7 @@ def cmd_compile(args) -> int:
 def cmd_submit(args) -> int:
     import datetime
 
-    from cnpipe import submit
+    from orchestration import submit
 
     config = load_config(args)
     try:

@@ -301,7 +301,7 @@ class Toleration:
 @dataclass
 class SecretEnv:
     """A Kubernetes secret key exposed as an environment variable: the value never enters the YAML. A task gets it
-    only where it is used (cnpipe.kfp_tasks.secrets_for), so a cluster without the secret runs the stages that need none."""
+    only where it is used (components.registry.secrets_for), so a cluster without the secret runs the stages that need none."""
 
     secret_name: str = ""
     key: str = ""

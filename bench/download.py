@@ -96,7 +96,7 @@ def start_web(folder: pathlib.Path, tmp: pathlib.Path):
 # ---------------------------------------------------------------- the two commands
 
 def our_command(config, retrieved_uri: str, out: str) -> list[str]:
-    from cnpipe.families import stage_command
+    from components.registry import stage_command
 
     return stage_command("download", config.to_json(), {"retrieved": retrieved_uri}, out)
 

@@ -120,12 +120,12 @@ def scaled_seeds(seeds: pathlib.Path, target: pathlib.Path, scale: int) -> pathl
 
 
 def start_local_web(assets: pathlib.Path, config, tmp: pathlib.Path):
-    """The embedded loopback web + kNN service, as cnpipe/local_run.py starts it."""
+    """The embedded loopback web + kNN service, as orchestration/local_run.py starts it."""
     from cnpipe.families import family_python
 
     ready = tmp / "local_web.json"
     web, info = benchlib.start_server(
-        [family_python("vision"), "-m", "cnpipe.embedded.local_web", "--assets", str(assets), "--clip-model",
+        [family_python("vision"), "-m", "orchestration.local_web", "--assets", str(assets), "--clip-model",
          config.clip_embed.model, "--indice-name", config.retrieval.indice_name, "--ready-file", str(ready)],
         ready, "the embedded web/kNN service", timeout_s=300,
         env={**os.environ, "PYTHONPATH": str(benchlib.REPO)}, cwd=benchlib.REPO, stdout=subprocess.DEVNULL,
@@ -135,7 +135,7 @@ def start_local_web(assets: pathlib.Path, config, tmp: pathlib.Path):
 
 def run_data_half(config, root: pathlib.Path, stages: list[str]) -> dict:
     from cnpipe.dataset import load_output
-    from cnpipe.families import stage_command
+    from components.registry import stage_command
 
     env = {**os.environ, "PYTHONPATH": str(benchlib.REPO), "GLOG_minloglevel": "2", "NO_ALBUMENTATIONS_UPDATE": "1"}
     env.pop("CNPIPE_FAMILY", None)
@@ -162,7 +162,7 @@ def bomb_comparison(count: int, tmp: pathlib.Path) -> dict:
     settings: 8 threads, 1 process), and their ratio."""
     import pipeline_configs
     from cnpipe.dataset import load_output
-    from cnpipe.families import stage_command
+    from components.registry import stage_command
     from components.laion_retrieval.stage import RETRIEVED_SCHEMA
 
     kinds = {"photos": ("image/jpeg", benchlib.photo_jpeg()), "bombs": ("image/png", benchlib.png_bomb())}

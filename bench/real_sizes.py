@@ -306,7 +306,7 @@ def main(argv=None) -> int:
         return 0
 
     from cnpipe.dataset import load_output
-    from cnpipe.families import stage_command
+    from components.registry import stage_command
 
     started = time.perf_counter()
     counts = build_models(args.models)

@@ -1,5 +1,8 @@
 """Hand a stage to its family's interpreter: the same `python -m components.<stage>` locally and in an image.
 
+A library module: it takes a stage's spec (name, module, family: components.registry.StageSpec) and never imports
+components/, which sit above it; components.registry.run_stage and stage_command look the spec up by name.
+
 Locally each family is a virtual environment under .venvs/<family>. In a family's image the
 interpreter is named by CNPIPE_PYTHON_<FAMILY> or is the current one.
 """
@@ -17,7 +20,6 @@ import threading
 import time
 
 from cnpipe.dataset import Manifest, StageOutput, load_output
-from components.registry import STAGES
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -115,9 +117,8 @@ def family_python(family: str) -> str:
     return str(venv) if venv.exists() else sys.executable
 
 
-def stage_command(stage: str, config_json: str, inputs: dict[str, str], output_uri: str, part: str = "",
+def stage_command(spec, config_json: str, inputs: dict[str, str], output_uri: str, part: str = "",
                   family: str = "") -> list[str]:
-    spec = STAGES[stage]
     argv = [family_python(family or spec.family), "-m", spec.module, "--config-json", config_json, "--output", output_uri]
     if part:
         argv += ["--part", part]
@@ -136,12 +137,13 @@ def _record_timing(stage: str, part: str, family: str, started: float, returncod
                                 "returncode": returncode}) + "\n")
 
 
-def run_stage(stage: str, config_json: str, inputs: dict[str, str], output_uri: str, part: str = "",
+def run_stage(spec, config_json: str, inputs: dict[str, str], output_uri: str, part: str = "",
               family: str = "") -> "Manifest | StageOutput":
     """Run one stage in its family's interpreter and return what it left. `part` ("i/n") runs one shard
     group only; `family` runs the part of a stage made in another family's environment (conditioning
     types whose libraries live elsewhere), told to the stage as CNPIPE_FAMILY."""
-    argv = stage_command(stage, config_json, inputs, output_uri, part, family)
+    stage = spec.name
+    argv = stage_command(spec, config_json, inputs, output_uri, part, family)
     env = dict(os.environ)
     if family:
         env["CNPIPE_FAMILY"] = family

@@ -2,16 +2,19 @@
 
 Only URIs cross kfp's boundary: an output `dsl.Dataset` holds a small JSON pointer and carries the
 dataset's URI and row counts in its metadata; the rows stay on the storage root.
+
+It takes the stage's spec (components.registry.StageSpec) rather than importing components/, which sit above this
+library: a component's body calls components.registry.run_component, which looks the spec up.
 """
 from __future__ import annotations
 
+import importlib
 import json
 
 from cnpipe import storage
 from cnpipe import cli
 from cnpipe.dataset import StageOutput, load_output
 from cnpipe.families import run_stage
-from components.registry import STAGES
 
 
 def dataset_uri(artifact) -> str:
@@ -21,24 +24,12 @@ def dataset_uri(artifact) -> str:
     return uri
 
 
-def _pod_namespace() -> str:
-    path = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
-    try:
-        with open(path) as f:
-            return f.read().strip()
-    except OSError:
-        return "kubeflow"
-
-
-def run_multihost_training(config, run_id: str, encoded_uri: str, output_uri: str):
-    """Train on `train.num_processes` hosts: a JobSet does the work, this task waits for it."""
-    from cnpipe import multihost
-    from cnpipe.dataset import load_output
-
-    body = multihost.manifest(config, run_id, encoded_uri, output_uri, _pod_namespace())
-    ended = multihost.launch_and_wait(body)
-    print(f"JobSet {ended['jobset']}: {ended['state']}")
-    return load_output(output_uri)
+def _launcher(spec):
+    """The stage's own way to run this task elsewhere (spec.launcher, "module:function"), if it has one."""
+    if not getattr(spec, "launcher", ""):
+        return None
+    module, _, function = spec.launcher.partition(":")
+    return getattr(importlib.import_module(module), function)
 
 
 def finished_output(stage: str, config, input_uris: dict, output_uri: str) -> StageOutput | None:
@@ -53,21 +44,24 @@ def finished_output(stage: str, config, input_uris: dict, output_uri: str) -> St
     return StageOutput(output_uri, done)
 
 
-def run_component(stage: str, config_json: str, run_id: str, inputs: dict, output, part: int = -1, parts: int = 1,
+def run_component(spec, config_json: str, run_id: str, inputs: dict, output, part: int = -1, parts: int = 1,
                   family: str = "") -> dict:
     """part >= 0: this task is shard group `part` of `parts` (inside a ParallelFor); the task after the
-    loop runs with part = -1 and, finding every shard committed, only writes the manifest."""
+    loop runs with part = -1 and, finding every shard committed, only writes the manifest. A stage with a
+    launcher (multi-host training's JobSet) may run the task elsewhere: it returns None when it does not."""
     import pipeline_configs
 
+    stage = spec.name
     config = pipeline_configs.from_json(config_json)
-    output_uri = storage.join(config.storage.root, run_id, STAGES[stage].output_dir or stage)
+    output_uri = storage.join(config.storage.root, run_id, spec.output_dir or stage)
     group = f"{part}/{parts}" if part >= 0 and parts > 1 else ""
     input_uris = {k: dataset_uri(a) for k, a in inputs.items()}
     result = finished_output(stage, config, input_uris, output_uri) if part < 0 else None
-    if result is None and stage == "controlnet_train" and config.train.num_processes > 1:
-        result = run_multihost_training(config, run_id, input_uris["encoded"], output_uri)
-    elif result is None:
-        result = run_stage(stage, config_json, input_uris, output_uri, group, family)
+    launch = _launcher(spec) if result is None else None
+    if launch is not None:
+        result = launch(config, run_id, input_uris, output_uri)
+    if result is None:
+        result = run_stage(spec, config_json, input_uris, output_uri, group, family)
     summary = {"dataset_uri": result.uri, **cli.summary(stage, result)}
     output.metadata.update(summary)
     with open(output.path, "w") as f:

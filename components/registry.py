@@ -14,6 +14,9 @@ class StageSpec:
     # "module:function" that checks this stage's settings from the config alone; importable in any family
     # (no model libraries at import), so the driver runs every stage's check before the first task starts.
     settings_check: str = ""
+    # "module:function" that may run a task elsewhere (multi-host training's JobSet); cnpipe.kfp_bridge calls it
+    # first and runs the stage itself when it returns None.
+    launcher: str = ""
 
 
 STAGES = {
@@ -38,7 +41,8 @@ STAGES = {
         StageSpec("report", "components.report", "core"),
         StageSpec("encode", "components.encode", "vision", settings_check="components.encode.inputs:check_settings"),
         StageSpec("controlnet_train", "components.controlnet_train", "train",
-                  settings_check="components.controlnet_train.checks:check_config"),
+                  settings_check="components.controlnet_train.checks:check_config",
+                  launcher="components.controlnet_train.multihost:launch"),
         StageSpec("evaluate", "components.evaluate", "vision", settings_check="components.evaluate.stage:check_settings"),
     ]
 }
@@ -46,6 +50,27 @@ STAGES = {
 # index: autofaiss's environment (it pins numpy<2), for the kNN index build (`pipeline.py index`, its own kfp
 # pipeline: components/knn_index/component.py); no stage of the data/training pipeline runs in it.
 FAMILIES = ("core", "vision", "download", "conditioning", "train", "index")
+
+
+def run_component(stage: str, *args, **kwargs) -> dict:
+    """A kfp component's body: run `stage` as one task (cnpipe.kfp_bridge), with what this registry knows of it."""
+    from cnpipe import kfp_bridge
+
+    return kfp_bridge.run_component(STAGES[stage], *args, **kwargs)
+
+
+def run_stage(stage: str, *args, **kwargs):
+    """Run `stage` in its family's interpreter (cnpipe.families.run_stage) and return what it left."""
+    from cnpipe import families
+
+    return families.run_stage(STAGES[stage], *args, **kwargs)
+
+
+def stage_command(stage: str, *args, **kwargs) -> list[str]:
+    """The command line that runs `stage` in its family's interpreter (cnpipe.families.stage_command)."""
+    from cnpipe import families
+
+    return families.stage_command(STAGES[stage], *args, **kwargs)
 
 
 def check_settings(config) -> None:
@@ -104,3 +129,28 @@ def conditioning_groups(types: list[str]) -> dict[str, list[str]]:
     for name in types:
         groups.setdefault(conditioner_family(name), []).append(name)
     return groups
+
+
+# Which secrets a stage's task reads: stage knowledge, here beside the stages, used for the kfp tasks
+# (orchestration.kfp_tasks) and for the pods of a multi-host training JobSet (components/controlnet_train/multihost.py).
+HUB_CONDITIONERS = {"depth"}  # conditioning types that load a model (from the Hub unless a local folder)
+
+# Variables a listed stage reads only under some settings: (env, stage) -> whether this config (and the task's
+# family, for conditioning) makes it read them. A pod that gets a secret it never reads can only fail to start.
+_USED_WHEN = {
+    ("HF_TOKEN", "hub_load"): lambda config, family: config.hub_load.kind == "hf" or config.hub_load.source.startswith("hf://"),
+    ("HF_TOKEN", "conditioning"): lambda config, family: bool(
+        HUB_CONDITIONERS & set(conditioning_groups(config.conditioning.types).get(family, config.conditioning.types))),
+    ("WANDB_API_KEY", "controlnet_train"): lambda config, family: bool(config.train.wandb_project),
+}
+
+
+def secrets_for(stage: str, config, family: str = "") -> list:
+    """The secrets (kubeflow.secrets) a task of `stage` uses: those listing it (or listing no stage), less the ones
+    this config makes it not read (no W&B without train.wandb_project, no Hub token for a folder of seeds)."""
+    used = []
+    for secret in config.kubeflow.secrets:
+        when = _USED_WHEN.get((secret.env, stage))
+        if (not secret.stages or stage in secret.stages) and (when is None or when(config, family)):
+            used.append(secret)
+    return used

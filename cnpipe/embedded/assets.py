@@ -113,7 +113,7 @@ def make_pool(folder: pathlib.Path) -> list[dict]:
 
 
 # Bumped when what make_<name> writes changes: a folder made by an older version is made again (the pool's index,
-# cnpipe.embedded.local_web, is rebuilt when the pool's index.json changes).
+# orchestration.local_web, is rebuilt when the pool's index.json changes).
 VERSIONS = {"seeds": 1, "pool": 2}
 VERSION_FILE = ".version"
 

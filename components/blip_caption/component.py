@@ -19,6 +19,6 @@ def blip_caption(
     parts: int = 1,
 ):
     """A BLIP caption for every image."""
-    from cnpipe.kfp_bridge import run_component
+    from components.registry import run_component
 
     run_component("blip_caption", config_json, run_id, {"images": images}, output, part, parts)

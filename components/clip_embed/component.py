@@ -19,6 +19,6 @@ def clip_embed(
     parts: int = 1,
 ):
     """CLIP image embeddings, L2-normalised."""
-    from cnpipe.kfp_bridge import run_component
+    from components.registry import run_component
 
     run_component("clip_embed", config_json, run_id, {"seeds": seeds}, output, part, parts)

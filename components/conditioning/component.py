@@ -20,6 +20,6 @@ def conditioning(
     family: str = "",
 ):
     """Control images, one dataset per conditioning type (`family`: only the types made in that image family)."""
-    from cnpipe.kfp_bridge import run_component
+    from components.registry import run_component
 
     run_component("conditioning", config_json, run_id, {"images": images}, output, part, parts, family)

@@ -16,6 +16,6 @@ def controlnet_train(
     output: Output[Dataset],
 ):
     """Train the ControlNet (JAX) and export it for diffusers."""
-    from cnpipe.kfp_bridge import run_component
+    from components.registry import run_component
 
     run_component("controlnet_train", config_json, run_id, {"encoded": encoded}, output)

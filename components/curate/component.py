@@ -20,7 +20,7 @@ def curate_keys(
     parts: int = 1,
 ):
     """Per row: pixel hash, pHashes, CLIP image embedding (clip_embed's for seed rows), caption similarity, filters."""
-    from cnpipe.kfp_bridge import run_component
+    from components.registry import run_component
 
     run_component("curate_keys", config_json, run_id, {"images": images, "embeddings": embeddings}, output, part, parts)
 
@@ -28,7 +28,7 @@ def curate_keys(
 @dsl.component(base_image=DEFAULT_IMAGE, install_kfp_package=False)
 def curate_dedup(config_json: str, run_id: str, keys: Input[Dataset], output: Output[Dataset]):
     """The global duplicate pass over the compact keys: which rows are dropped, for which kept row."""
-    from cnpipe.kfp_bridge import run_component
+    from components.registry import run_component
 
     run_component("curate_dedup", config_json, run_id, {"keys": keys}, output)
 
@@ -45,6 +45,6 @@ def curate(
     parts: int = 1,
 ):
     """The images less duplicates and rows that failed a filter, with clip_similarity."""
-    from cnpipe.kfp_bridge import run_component
+    from components.registry import run_component
 
     run_component("curate", config_json, run_id, {"images": images, "keys": keys, "dedup": dedup}, output, part, parts)

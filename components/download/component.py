@@ -20,6 +20,6 @@ def download(
     parts: int = 1,
 ):
     """The retrieved URLs as images, with img2dataset; seed images pass through."""
-    from cnpipe.kfp_bridge import run_component
+    from components.registry import run_component
 
     run_component("download", config_json, run_id, {"retrieved": retrieved, "seeds": seeds}, output, part, parts)

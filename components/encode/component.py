@@ -19,6 +19,6 @@ def encode(
     parts: int = 1,
 ):
     """VAE latents and text encodings, bfloat16."""
-    from cnpipe.kfp_bridge import run_component
+    from components.registry import run_component
 
     run_component("encode", config_json, run_id, {"conditioning": conditioning}, output, part, parts)

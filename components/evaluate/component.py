@@ -21,7 +21,7 @@ def evaluate(
 ):
     """Sample the trained ControlNet on held-out control images; CLIP score and control fidelity."""
     from cnpipe import storage
-    from cnpipe.kfp_bridge import run_component
+    from components.registry import run_component
 
     summary = run_component("evaluate", config_json, run_id, {"trained": trained, "conditioning": conditioning}, output)
     for name, value in summary.get("metrics", {}).items():

@@ -15,6 +15,6 @@ def hub_load(
     output: Output[Dataset],
 ):
     """Load a Hugging Face dataset, an image folder or a URL table into id'd shards."""
-    from cnpipe.kfp_bridge import run_component
+    from components.registry import run_component
 
     run_component("hub_load", config_json, run_id, {}, output)

@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 
 from cnpipe import storage
 
-WEB_PORT = 48721  # cnpipe.local_run.EMBEDDED_WEB_PORT: where the embedded web serves the pool
+WEB_PORT = 48721  # orchestration.local_run.EMBEDDED_WEB_PORT: where the embedded web serves the pool
 
 
 def _write(out: str, number: int, vectors: np.ndarray, urls: list[str], captions: list[str]) -> None:

@@ -16,6 +16,6 @@ def laion_retrieval(
     output: Output[Dataset],
 ):
     """Image URLs by CLIP similarity from a clip-retrieval kNN service."""
-    from cnpipe.kfp_bridge import run_component
+    from components.registry import run_component
 
     run_component("laion_retrieval", config_json, run_id, {"seeds": seeds}, output)

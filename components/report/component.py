@@ -32,7 +32,7 @@ def report(
 ):
     """The run report, also shown in the Kubeflow UI as Markdown and HTML (pictures inlined) artifacts."""
     from cnpipe import storage
-    from cnpipe.kfp_bridge import run_component
+    from components.registry import run_component
 
     inputs = {
         "hub_load": hub_load, "clip_embed": clip_embed, "laion_retrieval": laion_retrieval, "download": download,

@@ -11,6 +11,7 @@ import sys
 import pytest
 
 from cnpipe import families
+from components import registry
 from cnpipe.redact import CREDENTIALS_ENV, redact_url, scrub, split_credentials
 from tests.core.knn_server import KnnServer, config, empty_seeds, row, run_stage
 
@@ -100,7 +101,7 @@ def test_the_stage_log_and_its_error_hide_the_credentials(tmp_path, server, monk
     monkeypatch.setenv("CNPIPE_PYTHON_CORE", sys.executable)
     cfg = config(with_credentials(server.url, userinfo))
     with pytest.raises(families.StageFailed) as failed:
-        families.run_stage("laion_retrieval", cfg.to_json(), {"seeds": empty_seeds(tmp_path).uri}, str(tmp_path / "out"))
+        registry.run_stage("laion_retrieval", cfg.to_json(), {"seeds": empty_seeds(tmp_path).uri}, str(tmp_path / "out"))
     log = capfd.readouterr().err
     message = str(failed.value)
     expected = "refused the query (HTTP 401)" if failure == "refused" else "failed after 2 tries: HTTP 500"

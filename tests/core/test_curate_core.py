@@ -97,7 +97,7 @@ def test_curate_runs_between_captions_and_conditioning_and_a_preset_can_drop_it(
 
 
 def test_the_summary_lists_curate_after_the_captions():
-    from cnpipe.local_run import STAGE_ORDER
+    from orchestration.local_run import STAGE_ORDER
 
     assert STAGE_ORDER.index("blip_caption") + 1 == STAGE_ORDER.index("curate") == STAGE_ORDER.index("conditioning") - 1
     assert "curate_keys" not in STAGE_ORDER and "curate_dedup" not in STAGE_ORDER  # parts of curate, under its folder

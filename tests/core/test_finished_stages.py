@@ -10,6 +10,7 @@ import pytest
 
 import pipeline_configs
 from cnpipe import cli, kfp_bridge
+from components import registry
 from cnpipe.dataset import ShardedOutput, ShardResult
 
 SCHEMA = pa.schema([("id", pa.string())])
@@ -108,9 +109,9 @@ def test_the_kfp_task_of_a_finished_stage_starts_no_interpreter(tmp_path, config
     monkeypatch.setattr(kfp_bridge, "run_stage", no_interpreter)
     artifact = types.SimpleNamespace(name="encoded", metadata={"dataset_uri": encoded})
     output = types.SimpleNamespace(metadata={}, path=str(tmp_path / "artifact.json"))
-    summary = kfp_bridge.run_component("controlnet_train", config.to_json(), "run1", {"encoded": artifact}, output)
+    summary = registry.run_component("controlnet_train", config.to_json(), "run1", {"encoded": artifact}, output)
     assert summary["steps"] == config.train.max_steps and output.metadata["config_hash"] == summary["config_hash"]
     # another config: the stage runs (here: the stand-in refuses, proving it was asked)
     with pytest.raises(AssertionError, match="interpreter was started"):
-        kfp_bridge.run_component("controlnet_train", pipeline_configs.with_overrides(config, ["train.seed=1"]).to_json(),
+        registry.run_component("controlnet_train", pipeline_configs.with_overrides(config, ["train.seed=1"]).to_json(),
                                  "run1", {"encoded": artifact}, output)

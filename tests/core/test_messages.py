@@ -64,7 +64,7 @@ def test_a_log_gets_a_progress_line_now_and_then_not_per_update(monkeypatch, cap
 
 
 def test_a_taken_port_falls_back_in_one_line_without_a_traceback(capsys):
-    from cnpipe.embedded import local_web
+    from orchestration import local_web
 
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
@@ -81,7 +81,7 @@ def test_a_taken_port_falls_back_in_one_line_without_a_traceback(capsys):
 
 
 def test_another_socket_error_is_one_line_too(monkeypatch):
-    from cnpipe.embedded import local_web
+    from orchestration import local_web
 
     def refused(*args, **kwargs):
         raise PermissionError(13, "Permission denied")

@@ -2,7 +2,7 @@
 import pytest
 
 import pipeline_configs
-from cnpipe import multihost
+from components.controlnet_train import multihost
 
 
 def config(**train):

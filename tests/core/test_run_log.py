@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import logging
 
-from cnpipe import local_run
+from orchestration import local_run
 
 
 def record(message: str) -> logging.LogRecord:

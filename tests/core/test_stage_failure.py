@@ -6,6 +6,7 @@ import sys
 import pytest
 
 from cnpipe import families
+from components import registry
 
 
 def test_failed_stage_error_carries_its_last_words(tmp_path, monkeypatch, capfd):
@@ -13,7 +14,7 @@ def test_failed_stage_error_carries_its_last_words(tmp_path, monkeypatch, capfd)
     monkeypatch.setenv("CNPIPE_PYTHON_CORE", sys.executable)
     bad = json.dumps({"hub_load": {"no_such_field": 1}})
     with pytest.raises(families.StageFailed) as failed:
-        families.run_stage("hub_load", bad, {}, str(tmp_path / "out"))
+        registry.run_stage("hub_load", bad, {}, str(tmp_path / "out"))
     message = str(failed.value)
     assert "exited with status 2" in message
     assert "no_such_field" in message.split("it last wrote:", 1)[1]

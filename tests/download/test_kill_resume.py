@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from cnpipe.dataset import Manifest, ShardedOutput, ShardResult
-from cnpipe.families import stage_command
+from components.registry import stage_command
 from components.laion_retrieval.stage import RETRIEVED_SCHEMA
 from test_download_stage import config
 

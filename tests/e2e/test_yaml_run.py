@@ -44,7 +44,7 @@ def yaml_run(tmp_path_factory):
     """The embedded default, compiled, then run from its YAML with the run's arguments as `submit` sends them
     (config_json, run_id); the loopback web and kNN service stand in for the internet as in the local run."""
     import pipeline_configs
-    from cnpipe import local_run
+    from orchestration import local_run
 
     work = tmp_path_factory.mktemp("yaml")
     root = work / "runs"

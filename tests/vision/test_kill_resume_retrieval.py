@@ -16,7 +16,7 @@ from test_knn_protocol import INDICE, Service, tiny_clip, vectors  # noqa: F401 
 
 import pipeline_configs
 from cnpipe.dataset import Manifest, ShardedOutput, ShardResult
-from cnpipe.families import stage_command
+from components.registry import stage_command
 from components.laion_retrieval import index as knn_index
 from tests.stage_kill import commit_markers, kill_after_commits
 

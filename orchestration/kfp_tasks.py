@@ -3,32 +3,11 @@ tolerations, secrets as environment, retries. All from the config; kfp.local ign
 from __future__ import annotations
 
 from cnpipe.kfp_images import image_ref
-from components.registry import STAGES, conditioning_groups
+from components.registry import STAGES, secrets_for
 
 GKE_GPU = "cloud.google.com/gke-accelerator"
 GKE_TPU = "cloud.google.com/gke-tpu-accelerator"
 GKE_TPU_TOPOLOGY = "cloud.google.com/gke-tpu-topology"
-HUB_CONDITIONERS = {"depth"}  # conditioning types that load a model (from the Hub unless a local folder)
-
-# Variables a listed stage reads only under some settings: (env, stage) -> whether this config (and the task's
-# family, for conditioning) makes it read them. A pod that gets a secret it never reads can only fail to start.
-_USED_WHEN = {
-    ("HF_TOKEN", "hub_load"): lambda config, family: config.hub_load.kind == "hf" or config.hub_load.source.startswith("hf://"),
-    ("HF_TOKEN", "conditioning"): lambda config, family: bool(
-        HUB_CONDITIONERS & set(conditioning_groups(config.conditioning.types).get(family, config.conditioning.types))),
-    ("WANDB_API_KEY", "controlnet_train"): lambda config, family: bool(config.train.wandb_project),
-}
-
-
-def secrets_for(stage: str, config, family: str = "") -> list:
-    """The secrets (kubeflow.secrets) a task of `stage` uses: those listing it (or listing no stage), less the ones
-    this config makes it not read (no W&B without train.wandb_project, no Hub token for a folder of seeds)."""
-    used = []
-    for secret in config.kubeflow.secrets:
-        when = _USED_WHEN.get((secret.env, stage))
-        if (not secret.stages or stage in secret.stages) and (when is None or when(config, family)):
-            used.append(secret)
-    return used
 
 
 def configure(task, stage: str, config, family: str = ""):

@@ -12,7 +12,7 @@ import re
 import time
 
 from cnpipe.kfp_images import image_ref
-from cnpipe.kfp_tasks import secrets_for
+from components.registry import secrets_for
 
 GROUP, VERSION, PLURAL = "jobset.x-k8s.io", "v1alpha2", "jobsets"
 COORDINATOR_PORT = 8476
@@ -124,3 +124,25 @@ def launch_and_wait(body: dict, poll_s: float = 30.0, timeout_s: float = 7 * 24 
                                  f" (status: {json.dumps(status)[:500]})")
         time.sleep(poll_s)
     raise MultiHostError(f"JobSet {namespace}/{name} did not finish within {timeout_s:.0f} s")
+
+
+def _pod_namespace() -> str:
+    path = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
+    try:
+        with open(path) as f:
+            return f.read().strip()
+    except OSError:
+        return "kubeflow"
+
+
+def launch(config, run_id: str, input_uris: dict, output_uri: str):
+    """The train task's launcher (components.registry): on `train.num_processes` > 1 hosts a JobSet does the work
+    and this task waits for it; on one host None, and the task runs the trainer itself."""
+    if config.train.num_processes <= 1:
+        return None
+    from cnpipe.dataset import load_output
+
+    body = manifest(config, run_id, input_uris["encoded"], output_uri, _pod_namespace())
+    ended = launch_and_wait(body)
+    print(f"JobSet {ended['jobset']}: {ended['state']}")
+    return load_output(output_uri)

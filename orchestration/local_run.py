@@ -61,7 +61,7 @@ def prepare_embedded(config, run_root: str, run_dir: pathlib.Path):
     for port in dict.fromkeys([previous or EMBEDDED_WEB_PORT, 0]):
         ready.unlink(missing_ok=True)
         web = subprocess.Popen(
-            [family_python("vision"), "-m", "cnpipe.embedded.local_web", "--assets", assets,
+            [family_python("vision"), "-m", "orchestration.local_web", "--assets", assets,
              "--clip-model", config.clip_embed.model, "--indice-name", config.retrieval.indice_name,
              "--ready-file", str(ready), "--port", str(port)],
             env={**os.environ, "PYTHONPATH": str(REPO_ROOT)}, cwd=REPO_ROOT,
