@@ -191,7 +191,7 @@ def write_dataset(rows: list[dict], root: pathlib.Path) -> tuple:
                 "width": [s[0] for s in sizes], "height": [s[1] for s in sizes],
                 "url": [f"http://web/{r['id']}" for r in chunk], "source_caption": [None] * len(chunk),
                 "origin": [r["origin"] for r in chunk], "similarity": [None] * len(chunk), "query": [None] * len(chunk),
-                "blip_caption": [r["caption"] for r in chunk]}, schema=schema)
+                "pwatermark": [None] * len(chunk), "punsafe": [None] * len(chunk), "blip_caption": [r["caption"] for r in chunk]}, schema=schema)
             name = f"{prefix}-{start // ROWS_PER_SHARD:05d}"
             out.commit(name, ShardResult(table), rows_in=len(chunk))
             names.append(name)
@@ -428,13 +428,13 @@ def synthetic_keys(root: pathlib.Path, rows: int, dim: int = 768, seed: int = 0)
     return root
 
 
-def global_pass(work: pathlib.Path, sizes: list[int], models: pathlib.Path) -> dict:
+def global_pass(work: pathlib.Path, sizes: list[int], models: pathlib.Path, index: str = "auto") -> dict:
     """curate_dedup's command on synthetic keys of `sizes` rows (production settings: 768-d, exact + pHash +
-    embedding at 0.95, index auto), its peak memory and time, per million rows."""
+    embedding at 0.95, curate.embedding_index `index`), its peak memory and time, per million rows."""
     from memory import run_measured
 
     env = {**os.environ, "PYTHONPATH": str(benchlib.REPO)}
-    config = bench_config(models, embedding_dedup=True, embedding_min_cosine=0.95)
+    config = bench_config(models, embedding_dedup=True, embedding_min_cosine=0.95, embedding_index=index)
     out = {}
     for rows in sizes:
         keys_root = synthetic_keys(work / f"keys-{rows}", rows)
@@ -466,6 +466,8 @@ def main() -> int:
     parser.add_argument("--embedding-cosine", type=float, default=0.9999)
     parser.add_argument("--keys-rows", type=lambda t: [int(v) for v in t.split(",") if v], default=[25_000, 100_000],
                         help="sizes of the synthetic keys for the global pass alone, comma-separated (empty: skip)")
+    parser.add_argument("--keys-index", default="auto",
+                        help="curate.embedding_index for the global pass alone (e.g. IVF1024,PQ64: 64-byte codes)")
     parser.add_argument("--only", choices=["quality", "speed", "memory", "keys"], action="append")
     args = parser.parse_args()
     models = benchlib.ensure_tiny_models()
@@ -485,7 +487,7 @@ def main() -> int:
             results["memory"] = memory(rows, generated_set(args.bases * args.scale, seed=1), tmp / "memory", models)
         if "keys" in parts and args.keys_rows:
             print("global pass", file=sys.stderr)
-            results["global_pass"] = global_pass(tmp / "keys", args.keys_rows, models)
+            results["global_pass"] = global_pass(tmp / "keys", args.keys_rows, models, args.keys_index)
     benchlib.write_result("curate", results, ("torch", "transformers", "faiss-cpu"))
     report(results)
     return 0

@@ -169,7 +169,7 @@ def main(argv=None) -> int:
             urls = [f"{base}/img/{i}.jpg" for i in range(args.urls)]
             ids = [f"url-{i:06d}" for i in range(args.urls)]
             rows = {"id": ids, "url": urls, "source_caption": [None] * len(urls), "similarity": [1.0] * len(urls),
-                    "query": ["bench"] * len(urls)}
+                    "query": ["bench"] * len(urls), "pwatermark": [None] * len(urls), "punsafe": [None] * len(urls)}
             retrieved = benchlib.write_dataset(str(tmp / "retrieved"), rows, RETRIEVED_SCHEMA,
                                                args.rows_per_shard or len(urls), stage="laion_retrieval")
             pq.write_table(pa.table({"url": urls, "id": ids}), tmp / "urls.parquet")

@@ -176,7 +176,8 @@ def bomb_comparison(count: int, tmp: pathlib.Path) -> dict:
             ids = [f"{kind}-{i}" for i in range(count)]
             source = benchlib.write_dataset(str(tmp / f"urls-{kind}"), {
                 "id": ids, "url": [f"{base}/{kind}/{i}" for i in range(count)], "source_caption": [None] * count,
-                "similarity": [1.0] * count, "query": ["bench"] * count}, RETRIEVED_SCHEMA, count, stage="laion_retrieval")
+                "similarity": [1.0] * count, "query": ["bench"] * count, "pwatermark": [None] * count,
+                "punsafe": [None] * count}, RETRIEVED_SCHEMA, count, stage="laion_retrieval")
             out = tmp / f"download-{kind}"
             result = run_measured(stage_command("download", config.to_json(), {"retrieved": source.uri}, str(out)), env,
                                   tmp / f"download-{kind}.log")

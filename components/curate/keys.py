@@ -66,6 +66,10 @@ def score_reason(value: float | None, limit: float, reason: str, name: str) -> t
     return None
 
 
+def _is_score(value) -> bool:
+    return value is not None and value == value  # NaN: no score
+
+
 def image_reason(width: int, height: int, cfg) -> tuple[str, str] | None:
     if not cfg.resolution_filter:
         return None
@@ -143,6 +147,9 @@ def keys_shard(table: pa.Table, reused: dict[str, list], embedder, config, execu
     for i, w in enumerate(rows):
         if w.reason is not None:
             continue
+        # a row without LAION's score (a seed, a back end that returns none) passes that filter: counted, not silent
+        notes["no_pwatermark_score"] += cfg.watermark_filter and not _is_score(watermark[i])
+        notes["no_punsafe_score"] += cfg.unsafe_filter and not _is_score(unsafe[i])
         verdict = (image_reason(w.width, w.height, cfg)
                    or (cfg.watermark_filter and score_reason(watermark[i], cfg.max_pwatermark, "watermarked", "pwatermark"))
                    or (cfg.unsafe_filter and score_reason(unsafe[i], cfg.max_punsafe, "unsafe", "punsafe"))
@@ -209,19 +216,22 @@ def run(config, inputs: dict[str, Manifest], output_uri: str) -> Manifest:
 
         return ClipEmbedder(config.clip_embed.model, config.curate.device)
 
-    if todo and not {"pwatermark", "punsafe"} & set(images_in.arrow_schema().names) and (
-            config.curate.watermark_filter or config.curate.unsafe_filter):
-        print(f"{STAGE}: the rows carry no pwatermark/punsafe scores (the retrieval back end returned none): "
-              "the watermark and unsafe filters pass every row", file=sys.stderr)
     progress = bar(STAGE, total=sum(rows for *_, rows in todo))
     progress.set_postfix_str(f"{len(mine) - len(todo)}/{len(mine)} shards already done", refresh=False)
+    unscored: Counter = Counter()
     with ThreadPoolExecutor(prepare_threads(), thread_name_prefix="curate-keys") as executor:
         for name, manifest, in_name, rows in todo:
             table = storage.read_parquet(storage.join(manifest.uri, "data", f"{in_name}.parquet"))
-            output.commit(name, keys_shard(table, reused_embeddings(embeddings, name), embedder, config, executor),
-                          rows_in=table.num_rows)
+            result = keys_shard(table, reused_embeddings(embeddings, name), embedder, config, executor)
+            unscored.update({k: result.notes[k] for k in ("no_pwatermark_score", "no_punsafe_score")})
+            unscored["rows"] += result.table.num_rows - result.table.column("width").null_count  # decoded rows
+            output.commit(name, result, rows_in=table.num_rows)
             progress.update(rows)
     progress.close()
+    for score, on in (("pwatermark", config.curate.watermark_filter), ("punsafe", config.curate.unsafe_filter)):
+        if on and unscored["rows"] and unscored[f"no_{score}_score"] == unscored["rows"]:
+            print(f"{STAGE}: none of the {unscored['rows']} rows this task scored carries a {score} (seed rows, or a "
+                  f"retrieval back end that returns none): its filter passed them all", file=sys.stderr)
     sources = [images_in.uri] + ([embeddings.uri] if embeddings is not None else [])
     return partial_output(output_uri, plan, mine) or output.finalize([p[0] for p in plan], inputs=sources)
 

@@ -50,6 +50,8 @@ IMAGE_SCHEMA = pa.schema(
         ("origin", pa.string()),
         ("similarity", pa.float32()),
         ("query", pa.string()),
+        ("pwatermark", pa.float32()),  # LAION's scores, carried from retrieval (null where it returned none, seeds)
+        ("punsafe", pa.float32()),
     ]
 )
 
@@ -241,6 +243,7 @@ def shard_result(table: pa.Table, wanted: list[tuple[str, str]], fetched: Fetche
         "width": [w for w, _ in sizes], "height": [h for _, h in sizes], "url": pick(urls),
         "source_caption": pick(column_or(table, "source_caption")), "origin": pick(column_or(table, "origin", "retrieval")),
         "similarity": pick(column_or(table, "similarity")), "query": pick(column_or(table, "query")),
+        "pwatermark": pick(column_or(table, "pwatermark")), "punsafe": pick(column_or(table, "punsafe")),
     }
     return ShardResult(pa.table(out, schema=IMAGE_SCHEMA), rejects, notes)
 

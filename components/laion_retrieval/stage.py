@@ -4,6 +4,10 @@ Every returned result is a row in: kept once per URL (first query wins, keeping 
 rejected as over_num_images (the service sent more than asked), malformed_result (not a row of the
 protocol: the detail names the field), missing_url, duplicate_url, below_min_similarity or over_max_urls.
 The service is not trusted: a bad row is rejected, never a crash of the stage.
+
+LAION's watermark and unsafe probabilities (`pwatermark`, `punsafe`) are kept where the service returns them
+(a clip-retrieval back end returns the metadata columns its `columns_to_return` lists; the request cannot ask
+for them), null where it does not; curate filters on them.
 """
 from __future__ import annotations
 
@@ -28,8 +32,11 @@ RETRIEVED_SCHEMA = pa.schema(
         ("source_caption", pa.string()),
         ("similarity", pa.float32()),
         ("query", pa.string()),
+        ("pwatermark", pa.float32()),  # LAION's watermark probability, when the service returns it
+        ("punsafe", pa.float32()),  # LAION's NSFW probability, when the service returns it
     ]
 )
+SCORES = ("pwatermark", "punsafe")
 FLOAT32_MAX = 3.4028234663852886e38  # a larger similarity would be stored as inf
 _JSON_TYPES = {dict: "an object", list: "an array", str: "a string", bool: "a boolean", int: "a number",
                float: "a number", type(None): "null"}
@@ -49,7 +56,8 @@ def _utf8(text: str) -> bool:
 
 def malformed(result) -> str:
     """Why `result` is not a row of the protocol ("" when it is): an object whose url is a string (or absent:
-    missing_url), caption a string or null, similarity a finite number."""
+    missing_url), caption a string or null, similarity a finite number, pwatermark and punsafe absent, null or
+    probabilities."""
     if not isinstance(result, dict):
         return f"result is {_json_type(result)}, not an object"
     url, caption = result.get("url"), result.get("caption")
@@ -69,7 +77,32 @@ def malformed(result) -> str:
         finite = math.isfinite(similarity) and abs(similarity) <= FLOAT32_MAX
     except OverflowError:  # an integer too large for a float
         finite = False
-    return "" if finite else f"similarity {str(similarity)[:40]} is not a finite float32"
+    if not finite:
+        return f"similarity {str(similarity)[:40]} is not a finite float32"
+    for name in SCORES:
+        problem = _score_problem(name, result.get(name))
+        if problem:
+            return problem
+    return ""
+
+
+def _score_problem(name: str, value) -> str:
+    """A LAION score is absent, null, NaN (LAION's metadata has NaN where a model gave none) or a probability."""
+    if value is None:
+        return ""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return f"{name} is {_json_type(value)}, not a number or null"
+    try:
+        if math.isnan(value) or 0.0 <= value <= 1.0:
+            return ""
+    except OverflowError:  # an integer too large for a float
+        pass
+    return f"{name} {str(value)[:40]} is not a probability between 0 and 1"
+
+
+def score(value) -> float | None:
+    """A checked score as stored: NaN (no score) becomes null."""
+    return None if value is None or math.isnan(value) else float(value)
 
 
 def select(query: str, results: list, seen: set[str], cfg) -> ShardResult:
@@ -94,7 +127,8 @@ def select(query: str, results: list, seen: set[str], cfg) -> ShardResult:
             rejects.append(Reject(row_id, "over_max_urls", url))
         else:
             seen.add(url)
-            for name, value in zip(RETRIEVED_SCHEMA.names, [row_id, url, result.get("caption"), similarity, query]):
+            values = [row_id, url, result.get("caption"), similarity, query, *(score(result.get(n)) for n in SCORES)]
+            for name, value in zip(RETRIEVED_SCHEMA.names, values):
                 rows[name].append(value)
     extra = len(results) - cfg.num_images
     if extra > 0:  # one shared record: an answer within max_response_bytes may still hold millions of these

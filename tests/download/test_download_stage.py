@@ -29,7 +29,8 @@ def write_dataset(uri: str, stage: str, table: pa.Table) -> Manifest:
 def retrieved(tmp_path, urls: dict[str, str]) -> Manifest:
     table = pa.table(
         {"id": list(urls), "url": list(urls.values()), "source_caption": [f"caption of {i}" for i in urls],
-         "similarity": [0.5] * len(urls), "query": ["prompt:a test"] * len(urls)},
+         "similarity": [0.5] * len(urls), "query": ["prompt:a test"] * len(urls),
+         "pwatermark": [None] * len(urls), "punsafe": [None] * len(urls)},
         schema=RETRIEVED_SCHEMA,
     )
     return write_dataset(str(tmp_path / "retrieved"), "laion_retrieval", table)
@@ -224,7 +225,8 @@ def test_an_error_mid_stage_stops_the_download_workers_at_once(tmp_path, web, is
         ids = [f"u{shard}-{row}" for row in range(count)]
         output.commit(f"part-{shard:05d}", ShardResult(pa.table(
             {"id": ids, "url": [web.url(f"/photo/{i}.jpg") for i in ids], "source_caption": ids,
-             "similarity": [0.5] * count, "query": ["q"] * count}, schema=RETRIEVED_SCHEMA)), count)
+             "similarity": [0.5] * count, "query": ["q"] * count, "pwatermark": [None] * count, "punsafe": [None] * count},
+            schema=RETRIEVED_SCHEMA)), count)
     source = output.finalize(["part-00000", "part-00001"], inputs=[])
 
     def full_disk(*args, **kwargs):

@@ -28,7 +28,8 @@ def url_shards(tmp_path, web) -> Manifest:
         urls = [web.url(f"/photo/{i}.jpg") for i in ids]
         urls[-1] = web.url(f"/missing-{shard}.jpg")  # one rejection per shard, counted across the kill
         table = pa.table({"id": ids, "url": urls, "source_caption": ids, "similarity": [0.5] * len(ids),
-                          "query": ["prompt:a test"] * len(ids)}, schema=RETRIEVED_SCHEMA)
+                          "query": ["prompt:a test"] * len(ids),
+                          "pwatermark": [None] * len(ids), "punsafe": [None] * len(ids)}, schema=RETRIEVED_SCHEMA)
         names.append(f"part-{shard:05d}")
         output.commit(names[-1], ShardResult(table), table.num_rows)
     return output.finalize(names, inputs=[])

@@ -33,7 +33,8 @@ def url_shards(tmp_path, web) -> Manifest:
         if shard == 0:
             urls[-1] = web.url("/missing.jpg")
         table = pa.table({"id": ids, "url": urls, "source_caption": ids, "similarity": [0.5] * ROWS,
-                          "query": ["prompt:a test"] * ROWS}, schema=RETRIEVED_SCHEMA)
+                          "query": ["prompt:a test"] * ROWS,
+                          "pwatermark": [None] * ROWS, "punsafe": [None] * ROWS}, schema=RETRIEVED_SCHEMA)
         names.append(f"part-{shard:05d}")
         output.commit(names[-1], ShardResult(table), ROWS)
     return output.finalize(names, inputs=[])

@@ -13,8 +13,8 @@ from cnpipe.dataset import Manifest, ShardedOutput, ShardResult
 from components.download.stage import IMAGE_SCHEMA
 from components.hub_load.stage import SEED_SCHEMA
 
-CAPTIONED = IMAGE_SCHEMA.append(pa.field("blip_caption", pa.string()))
-SCORED = CAPTIONED.append(pa.field("pwatermark", pa.float32())).append(pa.field("punsafe", pa.float32()))
+SCORED = IMAGE_SCHEMA.append(pa.field("blip_caption", pa.string()))  # download carries LAION's scores (null: none)
+UNSCORED = pa.schema([f for f in SCORED if f.name not in ("pwatermark", "punsafe")])  # a dataset without the columns
 
 
 def scene(seed: int, size: int = 160, sibling: int = 0) -> Image.Image:
@@ -83,7 +83,7 @@ def make_datasets(root: pathlib.Path, embed, rows_per_shard: int = 4, scores: bo
     data = rows()
     seeds = [r for r in data if r["origin"] != "retrieval"]
     web = [r for r in data if r["origin"] == "retrieval"]
-    schema = SCORED if scores else CAPTIONED
+    schema = SCORED if scores else UNSCORED
     images = ShardedOutput(str(root / "images"), "blip_caption", "test", schema)
     embedded = ShardedOutput(str(root / "clip_embed"), "clip_embed", "test",
                              SEED_SCHEMA.append(pa.field("clip_embedding", pa.list_(pa.float32()))))
