@@ -338,10 +338,12 @@ class KubeflowConfig:
     tolerations: list[Toleration] = field(default_factory=lambda: [
         Toleration(key="nvidia.com/gpu"), Toleration(key="google.com/tpu")])
     # HF_TOKEN: stages that may load from the Hub (hub_load only when kind is hf, conditioning only for types with a
-    # model); WANDB_API_KEY: training, only when train.wandb_project is set, and then required (wandb.init needs it)
+    # model; curate_keys embeds downloaded images and captions with clip_embed.model); WANDB_API_KEY: training, only
+    # when train.wandb_project is set, and then required (wandb.init needs it)
     secrets: list[SecretEnv] = field(default_factory=lambda: [
         SecretEnv(secret_name="controlnet-pipeline", key="hf-token", env="HF_TOKEN", stages=[
-            "hub_load", "clip_embed", "blip_caption", "conditioning", "encode", "controlnet_train", "evaluate"]),
+            "hub_load", "clip_embed", "blip_caption", "curate_keys", "conditioning", "encode", "controlnet_train",
+            "evaluate"]),
         SecretEnv(secret_name="controlnet-pipeline", key="wandb-api-key", env="WANDB_API_KEY",
                   stages=["controlnet_train"], optional=False)])
     service_account: str = ""

@@ -166,8 +166,9 @@ def test_no_secret_value_reaches_the_yaml(tmp_path):
         assert value not in text
 
 
-# The stages that may read a Hugging Face token (they load models or datasets); W&B is training's only.
-HUB_STAGES = {"clip_embed", "blip_caption", "encode", "controlnet_train", "evaluate"}
+# The stages that may read a Hugging Face token (they load models or datasets; curate_keys loads CLIP); W&B is
+# training's only.
+HUB_STAGES = {"clip_embed", "blip_caption", "curate_keys", "encode", "controlnet_train", "evaluate"}
 
 
 def secret_env(platform: dict, executor: str) -> dict:
