@@ -13,7 +13,8 @@ import pathlib
 import sys
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
-ORDER = ["conditioning", "download", "clip_blip", "memory", "end_to_end", "train_step", "train_memory"]
+ORDER = ["conditioning", "download", "clip_blip", "curate", "memory", "end_to_end", "train_step", "train_memory",
+         "real_sizes"]
 
 
 def met(ok: bool) -> str:
@@ -76,6 +77,61 @@ def clip_blip(r: dict) -> list[str]:
                          "yes" if x["same_output"] else "**no**", met(x["ratio"]["best"] >= 1.0)])
     return out + table(["stage, model", "images", "batch", "ours img/s", "reference img/s", "ratio best / median",
                         "CPU ratio ref/ours", "same output", "≥ 1.0"], rows)
+
+
+def curate(r: dict) -> list[str]:
+    out, st = [], r["settings"]
+    if "quality" in r:
+        q = r["quality"]
+        recipes = list(next(iter(q.values()))["recipes"])
+        first = next(iter(q.values()))
+        out += [f"**Curate, dedup quality** (`bench/curate.py`): {first['rows']} rows from {st['bases']} originals "
+                f"(scikit-image photo windows and shape scenes), {first['duplicates']} of them copies made by one recipe "
+                f"each (the recipes are what counts as a duplicate); look-alike distinct pictures must stay apart. The three "
+                f"curate steps as kfp runs them; precision = true drops / drops, recall = true drops / copies. Target: "
+                f"recall ≥ 0.95 at precision ≥ 0.99. The embedding rows use the tiny random-weight CLIP, so they say "
+                f"nothing of a real CLIP's quality.", ""]
+        rows = [[name, v["precision"], v["recall"], *[v["recipes"][x]["recall"] for x in recipes],
+                 met(v["recall"] >= 0.95 and v["precision"] >= 0.99)] for name, v in q.items()]
+        out += table(["dedup signals", "precision", "recall", *[f"recall {x}" for x in recipes], "target"], rows)
+    if "speed" in r:
+        sp = r["speed"]
+        out += [f"**Curate, speed** ({sp['ours']['items']} images, tiny CLIP, exact + pHash): our three steps vs a plain "
+                f"single-process loop doing the same hashing, CLIP and brute-force search, best of {st['repeats']}: "
+                f"{sp['ours']['best_per_s']} vs {sp['plain loop']['best_per_s']} images/s, ratio "
+                f"{sp['ratio']['best']:.2f} best / {sp['ratio']['median']:.2f} median (≥ 1.0: {met(sp['ratio']['best'] >= 1.0)}), "
+                f"CPU ratio {sp['ratio']['cpu']:.2f}; rows kept ours / loop: {sp['kept']['ours']} / {sp['kept']['plain loop']}.", ""]
+    if "memory" in r:
+        m = r["memory"]
+        out += [f"**Curate, peak memory**: each step's command on the set and on one {st['scale']}× larger "
+                f"(same shard size); process = its largest process, tree = summed PSS.", ""]
+        rows = [[name, f"{v['1x']['rows']} / {v['10x']['rows']}", v["1x"]["max_process_mib"], v["10x"]["max_process_mib"],
+                 v["1x"]["tree_mib"], v["10x"]["tree_mib"], f"{v['ratio_process']:.2f} / {v['ratio_tree']:.2f}",
+                 met(max(v["ratio_process"], v["ratio_tree"]) < 1.5)] for name, v in m.items()]
+        out += table(["step", "rows 1× / 10×", "process MiB 1×", "process MiB 10×", "tree MiB 1×", "tree MiB 10×",
+                      "ratio process / tree", "< 1.5"], rows)
+    if "global_pass" in r:
+        out += [f"**Curate, the global pass alone** (curate_dedup's command on synthetic keys: 768-d embeddings, 5 % near "
+                f"copies, 1 % exact; exact + pHash + embedding ≥ 0.95, curate.embedding_index "
+                f"{st.get('keys_index', 'auto')}): memory and time, per million rows.", ""]
+        rows = [[n, g["index"], g["max_process_mib"], g["bytes_per_row"], g["seconds"], g.get("cpu_seconds", "-"),
+                 g["seconds_per_million"], g.get("cpu_seconds_per_million", "-")] for n, g in r["global_pass"].items()]
+        out += table(["rows", "index", "process MiB", "keys + search bytes/row", "wall s", "CPU s", "stage s per million",
+                      "CPU s per million"], rows)
+    return out
+
+
+def real_sizes(r: dict) -> list[str]:
+    out = [f"**Real sizes** (`bench/real_sizes.py`, CPU): the production preset's models built from their published "
+           f"configs with random weights, {r['rows']} rows through the real stages at {r['resolution']} px (evaluate "
+           f"{r['eval_steps']} steps); each stage's command, its wall time, peak memory and bytes per row written.", ""]
+    rows = [[name, v["seconds"], v["max_process_mib"], v["tree_mib"], v.get("bytes_per_row", "-")]
+            for name, v in r.get("stages", {}).items()]
+    out += table(["stage", "wall s", "process MiB", "tree PSS MiB", "bytes/row"], rows)
+    flops = r.get("flops_per_image") or {}
+    if flops:
+        out += table(["model, per image", "GFLOP"], [[name, f"{value / 1e9:,.0f}"] for name, value in flops.items()])
+    return out
 
 
 def memory(r: dict) -> list[str]:

@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
 # Every benchmark in its stage family's environment, then one combined Markdown table (bench/report.py),
 # also written to bench/results/report.md.
-# Usage: bash bench/run_all.sh [name ...]   names: conditioning download clip_blip memory end_to_end train_step (default: all)
-#        and train_memory (compile-only real-size memory, long on a small CPU machine: only when named)
+# Usage: bash bench/run_all.sh [name ...]   names: conditioning download clip_blip curate memory end_to_end train_step
+#        (default: all of these), and, only when named (long on a small CPU machine): train_memory (compile-only
+#        real-size training memory) and real_sizes (the production models through the real stages on CPU, ~40 min)
 # Options for one script: BENCH_ARGS_<name>, e.g. BENCH_ARGS_conditioning="--images 400" bash bench/run_all.sh conditioning
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-declare -A FAMILY=([conditioning]=conditioning [download]=download [clip_blip]=vision [memory]=core [end_to_end]=core [train_step]=train [train_memory]=train)
-names=${*:-"conditioning download clip_blip memory end_to_end train_step"}
+declare -A FAMILY=([conditioning]=conditioning [download]=download [clip_blip]=vision [curate]=vision [memory]=core
+                   [end_to_end]=core [train_step]=train [train_memory]=train [real_sizes]=vision)
+names=${*:-"conditioning download clip_blip curate memory end_to_end train_step"}
 failed=()
 for name in $names; do
   family=${FAMILY[$name]:-}
