@@ -378,7 +378,7 @@ class IndexConfig:
     clip_model: str = ""  # the CLIP model that embeds text queries; empty: clip_embed.model (the index's own model)
     host: str = "127.0.0.1"  # serve-index on this machine (the pod binds 0.0.0.0)
     port: int = 1234
-    search_threads: int = 1  # faiss threads per query; concurrent queries run in threads of their own
+    search_threads: int = 1  # faiss threads per batch: concurrent queries are searched together, in one thread
     namespace: str = "clip-retrieval"
     service_name: str = "knn-index"
     replicas: int = 1
