@@ -216,18 +216,87 @@ def compile_part(args) -> dict:
     return out
 
 
-def fits(out: dict) -> list[dict]:
-    """Per model, layout and checkpointing: totals per batch and the largest measured batch per device under each capacity."""
+BATCHES = (1, 2, 4, 8)
+
+
+def _linear(totals: dict) -> tuple[float, float] | None:
+    """Least-squares total = a + s * batch from two or more measured batches (activations grow with the batch,
+    the state and the frozen UNet do not)."""
+    if len(totals) < 2:
+        return None
+    xs, ys = list(totals), list(totals.values())
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
+    return my - slope * mx, slope
+
+
+def _estimates(rows: dict) -> None:
+    """Cells not compiled (an SDXL-size compile takes tens of minutes on 2 cores), estimated and marked as such:
+    (1) from the same configuration's measured batches, linear in the batch; (2) a replicated configuration from
+    its sharded twin plus the difference of their state bytes (the only thing the layout changes per device:
+    everything else is the same program). `method_check` tests both rules on the cells that were measured."""
+    for (model, layout, remat), row in rows.items():
+        fit = _linear(row["total_gib"])
+        if fit:
+            row["estimated_gib"] = {b: round(fit[0] + fit[1] * b, 2) for b in BATCHES if b not in row["total_gib"]}
+    for (model, layout, remat), row in list(rows.items()):
+        twin = rows.get((model, "sharded", remat))
+        if layout != "sharded" or twin is None:
+            continue
+        replicated = rows.setdefault((model, "replicated", remat), {
+            "model": model, "layout": "replicated", "gradient_checkpointing": remat, "total_gib": {},
+            "state_gib": round(row["replicated_state_bytes"] / GIB, 2), "unet_gib": row["unet_gib"]})
+        extra = replicated["state_gib"] - row["state_gib"]
+        known = {**row["total_gib"], **row.get("estimated_gib", {})}
+        replicated.setdefault("estimated_gib", {})
+        for b, gib in known.items():
+            if b not in replicated["total_gib"] and b not in replicated["estimated_gib"]:
+                replicated["estimated_gib"][b] = round(gib + extra, 2)
+
+
+def method_check(out: dict) -> dict:
+    """Both estimate rules applied to measured cells, per checkpointing setting: batches 4 and 8 from 1 and 2, and
+    replicated from sharded. Largest absolute error in GiB and the number of cells checked."""
+    rows = _measured_rows(out)
+    errors: dict[str, list] = {}
+    for (model, lay, remat), row in rows.items():
+        checkpointing = "on" if remat else "off"
+        fit = _linear({b: g for b, g in row["total_gib"].items() if b in (1, 2)})
+        if fit:
+            errors.setdefault(f"linear_checkpointing_{checkpointing}", []).extend(
+                abs(fit[0] + fit[1] * b - row["total_gib"][b]) for b in (4, 8) if b in row["total_gib"])
+        twin = rows.get((model, "sharded", remat))
+        if lay == "replicated" and twin:
+            extra = row["state_gib"] - twin["state_gib"]
+            errors.setdefault(f"replicated_checkpointing_{checkpointing}", []).extend(
+                abs(twin["total_gib"][b] + extra - gib) for b, gib in row["total_gib"].items() if b in twin["total_gib"])
+    return {rule: {"max_error_gib": round(max(e), 2), "cells": len(e)} for rule, e in sorted(errors.items()) if e}
+
+
+def _measured_rows(out: dict) -> dict:
     rows: dict[tuple, dict] = {}
     for r in out["results"]:
         row = rows.setdefault((r["model"], r["layout"], r["gradient_checkpointing"]), {
             "model": r["model"], "layout": r["layout"], "gradient_checkpointing": r["gradient_checkpointing"],
             "state_gib": round(r["state_bytes"] / GIB, 2), "unet_gib": round(r["unet_bytes"] / GIB, 2), "total_gib": {}})
         row["total_gib"][r["per_device_batch"]] = round(r["total_bytes"] / GIB, 2)
+        parameters = out.get("parameters", {}).get(r["model"], {}).get("controlnet")
+        if parameters:  # fp32 weights, two AdamW moments and the EMA copy, whole on every device
+            row["replicated_state_bytes"] = 16 * parameters
+    return rows
+
+
+def fits(out: dict) -> list[dict]:
+    """Per model, layout and checkpointing: totals per batch (measured, and estimated where not compiled) and the
+    largest batch per device under each capacity (from measured and estimated totals alike; estimates are marked)."""
+    rows = _measured_rows(out)
+    _estimates(rows)
     for row in rows.values():
-        row["largest_batch"] = {chip: max([b for b, gib in row["total_gib"].items() if gib <= cap], default=0)
+        every = {**row.get("estimated_gib", {}), **row["total_gib"]}
+        row["largest_batch"] = {chip: max([b for b, gib in every.items() if gib <= cap], default=0)
                                 for chip, cap in CAPACITY_GIB.items()}
-    return list(rows.values())
+        row.pop("replicated_state_bytes", None)
+    return sorted(rows.values(), key=lambda r: (list(MODELS).index(r["model"]), r["layout"], r["gradient_checkpointing"]))
 
 
 # ---------------------------------------------------------------- 2. state bytes and step time at the tiny size
@@ -310,18 +379,23 @@ def save(args, compile_out=None, state_out=None) -> None:
         payload["state"] = state_out
     if payload["compile"].get("results"):
         payload["compile"]["fits"] = fits(payload["compile"])
+        payload["compile"]["estimate_check"] = method_check(payload["compile"])
     benchlib.write_result("train_memory", payload, libraries=("jax", "jaxlib", "flax", "optax", "diffusers"))
 
 
 def print_fits(out: dict) -> None:
     rows = []
     for r in fits(out):
-        totals = " / ".join(f"{r['total_gib'].get(b, float('nan')):.1f}" for b in sorted(r["total_gib"]))
-        rows.append([MODELS[r["model"]]["label"], r["layout"], "on" if r["gradient_checkpointing"] else "off", r["state_gib"], totals,
+        cells = {**{b: f"~{g:.1f}" for b, g in r.get("estimated_gib", {}).items()}, **{b: f"{g:.1f}" for b, g in r["total_gib"].items()}}
+        rows.append([MODELS[r["model"]]["label"], r["layout"], "on" if r["gradient_checkpointing"] else "off", r["state_gib"],
+                     " / ".join(cells.get(b, "-") for b in BATCHES),
                      " / ".join(str(r["largest_batch"][chip]) for chip in CAPACITY_GIB)])
-    benchlib.print_table(["model", "state", "checkpointing", "state GiB", "total GiB per batch " + "/".join(
-        str(b) for b in sorted({x["per_device_batch"] for x in out["results"]})), "largest batch " + "/".join(
-        f"{c} {g} GiB" for c, g in CAPACITY_GIB.items())], rows)
+    benchlib.print_table(["model", "state", "checkpointing", "state GiB", "total GiB per batch " + "/".join(map(str, BATCHES)),
+                          "largest batch " + "/".join(f"{c} {g} GiB" for c, g in CAPACITY_GIB.items())], rows)
+    checks = "; ".join(f"{rule.replace('_', ' ')}: within {c['max_error_gib']} GiB ({c['cells']} cells)"
+                       for rule, c in method_check(out).items())
+    print(f"~ estimated, not compiled (linear in the batch; replicated = sharded + the state's difference). The same rules "
+          f"on the measured cells: {checks}")
 
 
 def main(argv=None) -> int:
