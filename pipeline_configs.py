@@ -154,7 +154,7 @@ class CurateConfig:
     embedding_dedup: bool = True
     embedding_min_cosine: float = 0.95
     # the kept rows' embeddings in the global pass, a faiss index factory string (inner product); auto: "SQ8" (8-bit
-    # codes, exact search) up to 200k rows, "IVF<4 sqrt(n)>,SQ8" (searched over embedding_nprobe lists) above
+    # codes, exact search) up to 20k rows, "IVF<4 sqrt(n)>,SQ8" (searched over embedding_nprobe lists) above
     embedding_index: str = "auto"
     embedding_nprobe: int = 16
     # caption-image agreement: the CLIP cosine of the caption and the image is kept as clip_similarity for every row;
@@ -317,8 +317,9 @@ class StageResources:
     laion_retrieval: TaskResources = field(default_factory=lambda: TaskResources(cpu="1", memory="4Gi", retries=3))
     download: TaskResources = field(default_factory=lambda: TaskResources(cpu="8", memory="16Gi", retries=3))
     blip_caption: TaskResources = field(default_factory=lambda: TaskResources(cpu="4", memory="24Gi", accelerator="nvidia.com/gpu", accelerator_count=1))
-    # curate: keys per shard (CLIP, hashes) in shard groups; one global dedup pass (compact keys: ~0.9 GB per
-    # million rows at 768-d); filtering per shard in shard groups
+    # curate: keys per shard (CLIP, hashes) in shard groups; one global dedup pass (compact keys: about 2.4 GB of
+    # peak per million rows at 768-d with SQ8 codes, so 32Gi holds ~14 M rows; PQ codes for more, see the README's
+    # "Curate"); filtering per shard in shard groups
     curate_keys: TaskResources = field(default_factory=lambda: TaskResources(cpu="4", memory="16Gi", accelerator="nvidia.com/gpu", accelerator_count=1))
     curate_dedup: TaskResources = field(default_factory=lambda: TaskResources(cpu="8", memory="32Gi"))
     curate: TaskResources = field(default_factory=lambda: TaskResources(cpu="2", memory="8Gi"))
