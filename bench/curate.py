@@ -1,6 +1,7 @@
 """Curate: how well the dedup finds duplicates, how fast the stage runs against a plain loop, how its memory grows.
 
     PYTHONPATH=. .venvs/vision/bin/python bench/curate.py [--bases 240] [--scale 10] [--repeats 3] [--keys-rows 25000,100000]
+        [--keys-index auto] [--only quality|speed|memory|keys]
 
 1. Quality. A generated set with known duplicates: scikit-image's photos cut into windows and coloured-shape scenes
    (both stored as JPEG q92) are the originals; about 60 % of them get 1-3 copies, each made by one recipe:
@@ -23,7 +24,8 @@
    brute-force comparison with every kept row, then the kept rows written), same model, interleaved, best of N.
 3. Memory. Each step as the command kfp runs (`python -m ...`, /usr/bin/time's max RSS) on the set and on a set
    --scale times larger (more originals, same shard size): target 10x/1x < 1.5. And the global pass alone on
-   synthetic keys (--keys-rows: 768-d embeddings, 5 % near copies, 1 % exact): its memory and time per million rows.
+   synthetic keys (--keys-rows: 768-d embeddings, 5 % near copies, 1 % exact; --keys-index: curate.embedding_index,
+   e.g. IVF1024,PQ64): its memory and time per million rows.
 Writes bench/results/curate.json.
 """
 from __future__ import annotations
