@@ -4,6 +4,7 @@ service's memory against the index's size on disk.
 
     .venvs/vision/bin/python bench/knn_index.py [--count 200000] [--dim 768] [--budget-bytes-per-vector 136]
                                                [--build-memory 2G] [--clients 16] [--seconds 30]
+                                               [--query-time-ms 10] [--serve-nprobe 16 ...] [--work DIR]
 
 What it does:
   1. components.knn_index.synthetic: --count unit vectors in clip-retrieval's layout (float16), from a mixture of
@@ -13,11 +14,13 @@ What it does:
      and current_memory_available = --build-memory; its time and the peak RSS of the build (process tree, sampled)
   3. exact search (numpy, float32) of the 100 queries over every vector: the true top-40
   4. `python -m components.knn_index.serve` (memory-mapped), queried over HTTP with clip-retrieval's body by
-     --clients threads for --seconds: recall@40 of the answers, p50/p99 latency, the service's RSS split into
-     anonymous (its own heap) and file-backed (pages of the mapped index: page cache, shared and reclaimable)
+     --clients threads for --seconds, each request on a new connection as ClipClient makes it (bodies encoded
+     beforehand): recall@40 of the answers, p50/p99 latency, the service's CPU per query and the clients' (this
+     process: on a small machine both share its cores), the service's RSS split into anonymous (its own heap) and
+     file-backed (pages of the mapped index: page cache, shared and reclaimable); again at each --serve-nprobe
   5. per million vectors: build time and memory measured at --count and at --count/2 and fitted as
      a + b·n (a: training, fixed for a given index type; b: adding), then b·1M stated beside the measured ones
-Results: printed, and bench/results/knn_index.json.
+Results: printed, and bench/results/knn_index.json (--out).
 """
 from __future__ import annotations
 
@@ -53,12 +56,13 @@ def env() -> dict:
 
 
 def build(source: pathlib.Path, output: pathlib.Path, count: int, bytes_per_vector: int, memory: str,
-          query_time_ms: float) -> dict:
+          query_time_ms: float, index_key: str = "") -> dict:
     driver.ensure_index_environment()
     config = pipeline_configs.embedded("/unused")
     config.index = pipeline_configs.IndexConfig(
         source=str(source), output=str(output), max_index_memory_usage=f"{count * bytes_per_vector // 1024}KB",
-        current_memory_available=memory, min_nearest_neighbors_to_retrieve=K, max_index_query_time_ms=query_time_ms)
+        current_memory_available=memory, min_nearest_neighbors_to_retrieve=K, max_index_query_time_ms=query_time_ms,
+        index_key=index_key)
     python = str(REPO / ".venvs" / "index" / "bin" / "python")
     started = time.time()
     done = subprocess.run([python, "-m", "components.knn_index.build", "--config-json", config.to_json()],
@@ -125,11 +129,15 @@ def serve(index: pathlib.Path, threads: int) -> tuple[subprocess.Popen, int]:
     return process, json.loads(ready.read_text())["port"]
 
 
-def query(port: int, vector: np.ndarray) -> list[dict]:
-    body = json.dumps({"text": None, "image": None, "image_url": None, "embedding_input": vector.tolist(),
+def request_body(vector: np.ndarray) -> bytes:
+    return json.dumps({"text": None, "image": None, "image_url": None, "embedding_input": vector.tolist(),
                        "deduplicate": False, "use_safety_model": False, "use_violence_detector": False,
                        "indice_name": "bench", "use_mclip": False, "aesthetic_score": 9, "aesthetic_weight": 0.5,
-                       "modality": "image", "num_images": K, "num_result_ids": K})
+                       "modality": "image", "num_images": K, "num_result_ids": K}).encode()
+
+
+def query(port: int, body: bytes) -> list[dict]:
+    """One request on a new connection, as clip-retrieval's ClipClient makes it (requests.post, no session)."""
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
     try:
         conn.request("POST", "/knn-service", body=body, headers={"Content-Type": "application/json"})
@@ -142,27 +150,93 @@ def query(port: int, vector: np.ndarray) -> list[dict]:
         conn.close()
 
 
-def load_test(port: int, queries: np.ndarray, clients: int, seconds: float) -> list[float]:
+def load_test(port: int, bodies: list[bytes], clients: int, seconds: float) -> tuple[list[float], float]:
+    """Latencies of `clients` threads each sending one request after another for `seconds` (the bodies encoded
+    beforehand: encoding 768 floats is the client's cost, not the service's), and this process's CPU seconds."""
+    import resource
+
     latencies: list[float] = []
     lock = threading.Lock()
     stop = time.time() + seconds
+    errors: list[BaseException] = []
 
     def client(offset: int) -> None:
         i = offset
-        while time.time() < stop:
-            start = time.perf_counter()
-            query(port, queries[i % len(queries)])
-            took = time.perf_counter() - start
-            with lock:
-                latencies.append(took)
-            i += clients
+        try:
+            while time.time() < stop:
+                start = time.perf_counter()
+                query(port, bodies[i % len(bodies)])
+                took = time.perf_counter() - start
+                with lock:
+                    latencies.append(took)
+                i += clients
+        except Exception as err:  # noqa: BLE001 - a failed request ends the measurement, said below
+            errors.append(err)
 
+    usage = resource.getrusage(resource.RUSAGE_SELF)
     workers = [threading.Thread(target=client, args=(c,)) for c in range(clients)]
     for w in workers:
         w.start()
     for w in workers:
         w.join()
-    return latencies
+    if errors:
+        sys.exit(f"{len(errors)} of {clients} clients failed: {errors[0]!r}")
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    return latencies, after.ru_utime + after.ru_stime - usage.ru_utime - usage.ru_stime
+
+
+def measure_service(index: pathlib.Path, queries: np.ndarray, truth: np.ndarray, planted: np.ndarray, args) -> dict:
+    """The running service over HTTP: recall@40 of its answers, latency with 1 and with --clients clients, its own
+    CPU per query (and the clients', which share the cores here), its memory after loading and after the queries."""
+    results: dict = {}
+    process, port = serve(index, args.threads)
+    try:
+        results["service_memory_after_load"] = memory_of(process.pid, index)
+        bodies = [request_body(q) for q in queries]
+        answers = [[r["id"] for r in query(port, b)] for b in bodies]
+        results["recall_at_40"] = float(np.mean([len(set(a) & set(t)) / K for a, t in zip(answers, truth)]))
+        results["planted_recall_at_40"] = float(np.mean([len(set(a) & set(p)) / K for a, p in zip(answers, planted)]))
+        cpu_before = cpu_seconds_of(process.pid)
+        single, _ = load_test(port, bodies, 1, min(10.0, args.seconds))
+        single.sort()
+        results["service_cpu_ms_per_query_one_client"] = round(1000 * (cpu_seconds_of(process.pid) - cpu_before) / len(single), 2)
+        results["latency_ms_one_client"] = {"p50": round(1000 * statistics.median(single), 1),
+                                            "p99": round(1000 * single[int(0.99 * (len(single) - 1))], 1)}
+        cpu_before = cpu_seconds_of(process.pid)
+        latencies, client_cpu = load_test(port, bodies, args.clients, args.seconds)
+        latencies.sort()
+        # the service's own CPU per answered query: what a pod of n cores serves, whatever else ran here meanwhile;
+        # the clients' (this process) share the same cores here
+        results["service_cpu_ms_per_query"] = round(1000 * (cpu_seconds_of(process.pid) - cpu_before) / len(latencies), 2)
+        results["client_cpu_ms_per_query"] = round(1000 * client_cpu / len(latencies), 2)
+        results["requests"] = len(latencies)
+        results["latency_ms"] = {"p50": round(1000 * statistics.median(latencies), 1),
+                                 "p99": round(1000 * latencies[int(0.99 * (len(latencies) - 1))], 1),
+                                 "mean": round(1000 * statistics.fmean(latencies), 1)}
+        results["queries_per_second"] = round(len(latencies) / args.seconds, 1)
+        results["service_memory_after_queries"] = memory_of(process.pid, index)
+        results["load_average"] = os.getloadavg()[0]
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+    return results
+
+
+def with_nprobe(index: pathlib.Path, nprobe: int, folder: pathlib.Path) -> pathlib.Path:
+    """A copy of the index searching `nprobe` lists (efSearch 2·nprobe, as autofaiss sets it), the metadata linked."""
+    import faiss
+
+    folder.mkdir(parents=True, exist_ok=True)
+    loaded = faiss.read_index(str(index / "image.index"))
+    ivf = faiss.extract_index_ivf(loaded)
+    ivf.nprobe = nprobe
+    hnsw = getattr(faiss.downcast_index(ivf.quantizer), "hnsw", None)
+    if hnsw is not None:
+        hnsw.efSearch = 2 * nprobe
+    faiss.write_index(loaded, str(folder / "image.index"))
+    if not (folder / "metadata").exists():
+        (folder / "metadata").symlink_to((index / "metadata").resolve())
+    return folder
 
 
 def nprobe_sweep(index: pathlib.Path, queries: np.ndarray, truth: np.ndarray) -> dict:
@@ -204,12 +278,18 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--seconds", type=float, default=30.0)
     parser.add_argument("--threads", type=int, default=1, help="faiss threads per query in the service")
+    parser.add_argument("--serve-nprobe", type=int, action="append", default=[],
+                        help="also measure the service with the index searching this many lists (repeatable)")
+    parser.add_argument("--index-key", default="", help="the index type, e.g. one autofaiss chose at a smaller count "
+                        "(training then costs the same; empty: autofaiss chooses)")
+    parser.add_argument("--out", default="knn_index.json", help="results file under bench/results/")
     parser.add_argument("--no-half", action="store_true", help="skip the build at count/2 (no per-million fit)")
     parser.add_argument("--work", default="", help="folder for the generated set and the index (default: a temporary one)")
     args = parser.parse_args()
     work = pathlib.Path(args.work or tempfile.mkdtemp(prefix="knn-bench-"))
     work.mkdir(parents=True, exist_ok=True)
     results: dict = {"count": args.count, "dim": args.dim, "clients": args.clients, "cpus": os.cpu_count(),
+                     "index_key_given": args.index_key,
                      "max_index_query_time_ms": args.query_time_ms,
                      "load_average_at_start": os.getloadavg()[0]}
     try:
@@ -221,7 +301,7 @@ def main() -> None:
                 synthetic.generate(str(source), n, dim=args.dim, queries=100, neighbours=K)
                 print(f"generated {n} vectors of dimension {args.dim} in {time.time() - started:.0f} s", flush=True)
             builds[n] = build(source, work / f"index-{n}", n, args.budget_bytes_per_vector, args.build_memory,
-                              args.query_time_ms)
+                              args.query_time_ms, args.index_key)
             b = builds[n]
             print(f"built {n}: {b['index_key']} ({b['index_param']}), {b['build_seconds']} s ({b['build_cpu_seconds']} s CPU), peak {b['peak_rss_bytes'] / 2**20:.0f} MiB, "
                   f"{b['bytes_per_vector']} bytes/vector", flush=True)
@@ -245,32 +325,22 @@ def main() -> None:
         results["per_million_measured"] = {"build_seconds": round(full["build_seconds"] * 1e6 / args.count, 1),
                                            "build_cpu_seconds": round(full["build_cpu_seconds"] * 1e6 / args.count, 1),
                                            "peak_rss_bytes": int(full["peak_rss_bytes"] * 1e6 / args.count)}
+        phases = full.get("phases_seconds") or {}
+        adding = phases.get("Adding the vectors to the index")
+        training = next((v for k, v in phases.items() if k.startswith("Training the index")), None)
+        if adding is not None and training is not None:
+            # autofaiss's own phase times: training is fixed for an index type (it samples its training vectors),
+            # adding grows with n: the cost of more vectors at the same index type is adding's rate
+            results["phases_extrapolated"] = {"training_seconds": training, "adding_seconds_per_million": round(adding * 1e6 / args.count, 1),
+                                              "training_phase": next(k for k in phases if k.startswith("Training the index"))}
         source, index = work / f"set-{args.count}", work / f"index-{args.count}"
         queries = synthetic.load_npy(str(source / "queries.npy"))
         planted = synthetic.load_npy(str(source / "planted.npy"))
         truth = exact_top(source, queries)
-        process, port = serve(index, args.threads)
-        try:
-            results["service_memory_after_load"] = memory_of(process.pid, index)
-            answers = [[r["id"] for r in query(port, q)] for q in queries]
-            results["recall_at_40"] = float(np.mean([len(set(a) & set(t)) / K for a, t in zip(answers, truth)]))
-            results["planted_recall_at_40"] = float(np.mean([len(set(a) & set(p)) / K for a, p in zip(answers, planted)]))
-            single = sorted(load_test(port, queries, 1, min(10.0, args.seconds)))
-            results["latency_ms_one_client"] = {"p50": round(1000 * statistics.median(single), 1),
-                                                "p99": round(1000 * single[int(0.99 * (len(single) - 1))], 1)}
-            cpu_before = cpu_seconds_of(process.pid)
-            latencies = sorted(load_test(port, queries, args.clients, args.seconds))
-            # the service's own CPU per answered query: what a pod of n cores serves, whatever else ran here meanwhile
-            results["service_cpu_ms_per_query"] = round(1000 * (cpu_seconds_of(process.pid) - cpu_before) / len(latencies), 2)
-            results["requests"] = len(latencies)
-            results["latency_ms"] = {"p50": round(1000 * statistics.median(latencies), 1),
-                                     "p99": round(1000 * latencies[int(0.99 * (len(latencies) - 1))], 1),
-                                     "mean": round(1000 * statistics.fmean(latencies), 1)}
-            results["queries_per_second"] = round(len(latencies) / args.seconds, 1)
-            results["service_memory_after_queries"] = memory_of(process.pid, index)
-        finally:
-            process.terminate()
-            process.wait(timeout=30)
+        results.update(measure_service(index, queries, truth, planted, args))
+        for nprobe in args.serve_nprobe:
+            results.setdefault("service_at_nprobe", {})[nprobe] = measure_service(
+                with_nprobe(index, nprobe, work / f"index-{args.count}-nprobe{nprobe}"), queries, truth, planted, args)
         results["nprobe_sweep"] = nprobe_sweep(index, queries, truth)
         on_disk = (index / "image.index").stat().st_size + sum(p.stat().st_size for p in (index / "metadata").iterdir())
         results["index_on_disk_bytes"] = on_disk
@@ -279,12 +349,13 @@ def main() -> None:
         if not args.work:
             shutil.rmtree(work, ignore_errors=True)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "knn_index.json").write_text(json.dumps(results, indent=1, default=str))
+    (RESULTS / args.out).write_text(json.dumps(results, indent=1, default=str))
     mem, disk = results["service_memory_after_queries"], results["index_on_disk_bytes"]
     print(json.dumps(results, indent=1, default=str))
     print(f"\nrecall@40 {results['recall_at_40']:.3f} (planted {results['planted_recall_at_40']:.3f}); "
           f"p50 {results['latency_ms']['p50']} ms, p99 {results['latency_ms']['p99']} ms with {args.clients} clients "
-          f"({results['service_cpu_ms_per_query']} ms of service CPU per query; load average {results['load_average_at_end']:.1f}); "
+          f"({results['service_cpu_ms_per_query']} ms of service CPU and {results['client_cpu_ms_per_query']} ms of client CPU per "
+          f"query on {os.cpu_count()} cores; load average {results['load_average_at_end']:.1f}); "
           f"service RSS {mem['rss'] / 2**20:.0f} MiB ({mem['anon'] / 2**20:.0f} MiB its own heap, {mem['file'] / 2**20:.0f} MiB "
           f"file-backed, of which {mem['index_pages'] / 2**20:.1f} MiB pages of the index) for {disk / 2**20:.1f} MiB of index on disk")
 
