@@ -18,19 +18,41 @@ import numpy as np
 
 from components.controlnet_train.weights import WEIGHTS, WEIGHTS_INDEX, ModelError, pytorch_to_flax, read_safetensors
 
-# UNet config fields whose value the Flax classes hard-code: any other value cannot be represented.
+# PyTorch UNet config fields whose value the Flax classes hard-code (PyTorch's defaults): with any other value
+# the Flax model would train something other than what its PyTorch export computes, so it is refused.
 FLAX_ONLY_SUPPORTS = {
     "norm_num_groups": 32,
+    "norm_eps": 1e-5,  # the Flax ResNets' and conv_norm_out's GroupNorm epsilon
     "class_embed_type": None,
+    "num_class_embeds": None,
+    "class_embeddings_concat": False,
     "addition_embed_type": None,
     "encoder_hid_dim": None,
+    "encoder_hid_dim_type": None,
     "time_embedding_type": "positional",
+    "time_embedding_dim": None,
+    "time_embedding_act_fn": None,
+    "timestep_post_act": None,
+    "time_cond_proj_dim": None,
     "act_fn": "silu",
+    "center_input_sample": False,
     "conv_in_kernel": 3,
     "conv_out_kernel": 3,
+    "downsample_padding": 1,
+    "mid_block_scale_factor": 1.0,
     "resnet_time_scale_shift": "default",
+    "resnet_skip_time_act": False,
+    "resnet_out_scale_factor": 1.0,
     "mid_block_type": "UNetMidBlock2DCrossAttn",
+    "mid_block_only_cross_attention": None,
+    "dual_cross_attention": False,
+    "cross_attention_norm": None,
+    "attention_type": "default",
+    "reverse_transformer_layers_per_block": None,
 }
+# Accepted although the Flax classes ignore it: `upcast_attention` (SD 2.x) only changes PyTorch's legacy
+# attention processor in fp16/bf16; the default one (AttnProcessor2_0, scaled_dot_product_attention), which the
+# export and train_controlnet.py run with, ignores it, as Flax does (tests/train/test_parity_with_diffusers.py).
 CONTROLNET_FROM_UNET = (
     "sample_size", "in_channels", "down_block_types", "only_cross_attention", "block_out_channels",
     "layers_per_block", "attention_head_dim", "num_attention_heads", "cross_attention_dim",
@@ -66,7 +88,10 @@ def read_config(folder: str, sub: str) -> dict:
 def check_unet_config(config: dict) -> None:
     for key, supported in FLAX_ONLY_SUPPORTS.items():
         if key in config and config[key] != supported:
-            raise ModelError(f"base UNet has {key}={config[key]!r}; the Flax UNet/ControlNet only implement {key}={supported!r}")
+            raise ModelError(
+                f"base UNet has {key}={config[key]!r}; the Flax UNet/ControlNet only implement {key}={supported!r}, so the "
+                f"ControlNet would be trained differently from how its PyTorch export runs: this base cannot be trained here"
+            )
     layers = config.get("transformer_layers_per_block", 1)
     if any(n != 1 for n in (layers if isinstance(layers, list) else [layers])):
         raise ModelError(f"base UNet has transformer_layers_per_block={layers}; the Flax ControlNet supports only 1")
@@ -110,6 +135,7 @@ def read_base_configs(path: str, revision: str = "") -> tuple[str, dict, dict, d
 def load_base(folder: str, unet_config: dict, scheduler_config: dict, vae_config: dict, dtype) -> Base:
     from diffusers import FlaxUNet2DConditionModel
 
+    check_unet_config(unet_config)
     unet, params = load_flax_model(FlaxUNet2DConditionModel, folder, "unet", dtype, unet_config)
     scale = 2 ** (len(vae_config["block_out_channels"]) - 1)
     return Base(folder, unet, params, unet_config, scheduler_config, vae_config, scale)

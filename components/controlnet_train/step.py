@@ -24,6 +24,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from components.controlnet_train import distributed
 from components.controlnet_train.distributed import DATA_AXIS, batch_sharded, replicated
+from components.controlnet_train.numerics import pytorch_numerics
 from components.controlnet_train.remat import rematerialized_blocks
 
 
@@ -92,20 +93,41 @@ def init_state(params, tx, seed: int, ema: bool, mesh, shard: bool) -> TrainStat
     return TrainState(step=scalars[0], params=params, opt_state=opt_state, ema_params=ema_params, rng=scalars[1], first_bad_step=scalars[2])
 
 
+def step_key(rng, step):
+    """The key of optimizer step `step` (a micro-batch i of it folds in i once more)."""
+    return jax.random.fold_in(rng, step)
+
+
+def random_draws(key, latent_shape, num_train_timesteps: int, caption_dropout: float):
+    """(noise, timesteps, rows trained with the empty prompt or None) of one micro-batch, as train_controlnet.py
+    draws them (standard normal noise, timesteps uniform in [0, T), each caption dropped with that probability);
+    callable from outside so that a reference implementation can be fed the very same draws."""
+    k_noise, k_time, k_drop = jax.random.split(key, 3)
+    noise = jax.random.normal(k_noise, latent_shape, jnp.float32)
+    timesteps = jax.random.randint(k_time, (latent_shape[0],), 0, num_train_timesteps)
+    drop = jax.random.uniform(k_drop, (latent_shape[0],)) < caption_dropout if caption_dropout > 0 else None
+    return noise, timesteps, drop
+
+
+def ema_decay_at(step, ema_decay: float):
+    """The decay of the EMA update after optimizer step `step` + 1, as diffusers' EMAModel.get_decay (default
+    settings) gives it: 0 on the first update (the EMA starts as the trained weights), then
+    min(ema_decay, (1 + step) / (10 + step)), so early averages do not drag the random start along."""
+    count = jnp.asarray(step).astype(jnp.float32)
+    return jnp.where(count <= 0, 0.0, jnp.minimum(ema_decay, (1 + count) / (10 + count)))
+
+
 def diffusion_loss_fn(unet, controlnet, scheduler, noise_state, settings: StepSettings, uncond):
     """loss(params, unet_params, batch, key): one micro-batch's mean squared error."""
 
     def loss_fn(params, unet_params, batch, key):
         latents, text, control = batch["latents"], batch["text"], batch["control"]
-        k_noise, k_time, k_drop = jax.random.split(key, 3)
-        noise = jax.random.normal(k_noise, latents.shape, jnp.float32)
-        timesteps = jax.random.randint(k_time, (latents.shape[0],), 0, settings.num_train_timesteps)
+        noise, timesteps, drop = random_draws(key, latents.shape, settings.num_train_timesteps, settings.caption_dropout)
         schedule_state = jax.tree.map(jnp.asarray, noise_state)  # host numpy -> trace-time constants
         noisy = scheduler.add_noise(schedule_state, latents, noise, timesteps)
-        if settings.caption_dropout > 0:
-            drop = jax.random.uniform(k_drop, (latents.shape[0],)) < settings.caption_dropout
+        if drop is not None:
             text = jnp.where(drop[:, None, None], uncond[None].astype(text.dtype), text)
-        with rematerialized_blocks(settings.gradient_checkpointing):
+        with pytorch_numerics(), rematerialized_blocks(settings.gradient_checkpointing):
             down, mid = controlnet.apply({"params": params}, noisy, timesteps, text, control, return_dict=False)
             prediction = unet.apply(
                 {"params": unet_params}, noisy, timesteps, text,
@@ -160,7 +182,7 @@ def make_train_step(loss_fn, tx, schedule, settings: StepSettings, mesh, layout:
         return loss / k, jax.tree.map(lambda g: g / k, grads)
 
     def step(state: TrainState, unet_params, batch):
-        key = jax.random.fold_in(state.rng, state.step)
+        key = step_key(state.rng, state.step)
         loss, grads = gradients(compute_copy(state.params), unet_params, batch, key)
         grad_norm = optax.global_norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
@@ -170,9 +192,7 @@ def make_train_step(loss_fn, tx, schedule, settings: StepSettings, mesh, layout:
         params, opt_state = keep(params, state.params), keep(opt_state, state.opt_state)
         ema = state.ema_params
         if settings.ema_decay > 0:
-            # diffusers' EMAModel warm-up: early averages do not drag the random start along
-            count = state.step.astype(jnp.float32) + 1
-            decay = jnp.minimum(settings.ema_decay, (1 + count) / (10 + count))
+            decay = ema_decay_at(state.step, settings.ema_decay)
             ema = jax.tree.map(lambda e, p: decay * e + (1 - decay) * p, ema, params)
         first_bad = jnp.where((state.first_bad_step < 0) & ~finite, state.step + 1, state.first_bad_step)
         new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema, first_bad_step=first_bad)

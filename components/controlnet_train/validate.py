@@ -14,6 +14,7 @@ from PIL import Image
 
 from cnpipe import storage
 from components.controlnet_train import distributed
+from components.controlnet_train.numerics import pytorch_numerics
 
 
 class Validator:
@@ -52,9 +53,10 @@ class Validator:
                 latents, state = carry
                 x = jnp.concatenate([latents, latents]) if use_cfg else latents
                 t = jnp.full((x.shape[0],), timesteps[i], jnp.int32)
-                down, mid = controlnet.apply({"params": controlnet_params}, x, t, text, ctl, return_dict=False)
-                eps = unet.apply({"params": unet_params}, x, t, text, down_block_additional_residuals=down,
-                                 mid_block_additional_residual=mid).sample.astype(jnp.float32)
+                with pytorch_numerics():
+                    down, mid = controlnet.apply({"params": controlnet_params}, x, t, text, ctl, return_dict=False)
+                    eps = unet.apply({"params": unet_params}, x, t, text, down_block_additional_residuals=down,
+                                     mid_block_additional_residual=mid).sample.astype(jnp.float32)
                 if use_cfg:
                     uncond_eps, cond_eps = jnp.split(eps, 2)
                     eps = uncond_eps + guidance * (cond_eps - uncond_eps)
