@@ -5,8 +5,8 @@ Two places where diffusers' Flax port differs from its PyTorch original, on ever
   approximation; PyTorch's `GEGLU` uses the exact (erf) GELU. The two differ by up to ~5e-4.
 - `FlaxTransformer2DModel` normalises its input with GroupNorm eps 1e-5; PyTorch's `Transformer2DModel`
   hard-codes 1e-6.
-On the test base, each moves the UNet's prediction by ~1e-4, over 100x what fp32 rounding does
-(tests/train/test_parity_with_diffusers.py). Inside `pytorch_numerics()` both compute as PyTorch does.
+On the test base the two move the UNet's prediction by ~1e-4 together, ~150x what fp32 rounding does (and fail
+tests/train/test_parity_with_diffusers.py). Inside `pytorch_numerics()` both compute as PyTorch does.
 Like remat.py it works from the outside (a method interceptor): the parameters and the diffusers code
 stay as they are.
 """
