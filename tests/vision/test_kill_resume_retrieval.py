@@ -29,7 +29,7 @@ class SlowService(Service):
     """The kNN stand-in, answering each query after a pause, so that the stage can be killed between commits."""
 
     def __init__(self, folder: str, tiny_clip: str, delay_s: float):
-        super().__init__(folder, tiny_clip)
+        super().__init__(folder, tiny_clip, "threaded")  # the stand-in web server (slowed through its handler class)
         handler = self.server.RequestHandlerClass
         original = handler.do_POST
 
