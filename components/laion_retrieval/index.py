@@ -68,6 +68,10 @@ class KnnIndex:
             raise ValueError(f"{self.folder}: {self.metadata.num_rows} metadata rows for {self.index.ntotal} vectors: "
                              "row i of the metadata must describe vector i")
         self.columns = [c for c in self.metadata.column_names if c not in ("id", "similarity")]
+        # the record batches (zero-copy views of the mapped files) and the first row of each: a row is read from its
+        # own batch, as Table.take's per-call cost grows with the batches (4 ms for 40 rows of 20 batches)
+        self.batches = [batch.select(self.columns) for batch in self.metadata.to_batches()]
+        self.starts = np.cumsum([0] + [batch.num_rows for batch in self.batches])
 
     @property
     def dim(self) -> int:
@@ -97,6 +101,17 @@ class KnnIndex:
         scores, ids = self.index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
         found = [[(float(s), int(i)) for s, i in zip(row_s[:want], row_i[:want]) if i >= 0]
                  for row_s, row_i, want in zip(scores, ids, ks)]
-        flat = [i for hits in found for _, i in hits]
-        rows = iter(self.metadata.take(pa.array(flat, pa.int64())).select(self.columns).to_pylist())
+        rows = iter(self.rows([i for hits in found for _, i in hits]))
         return [[{**next(rows), "id": i, "similarity": s} for s, i in hits] for hits in found]
+
+    def rows(self, ids: list[int]) -> list[dict]:
+        """The metadata rows of `ids`, in their order: one take from each record batch they fall in."""
+        ids = np.asarray(ids, dtype=np.int64)
+        which = np.searchsorted(self.starts, ids, side="right") - 1
+        rows: list = [None] * len(ids)
+        for batch in np.unique(which):
+            at = np.flatnonzero(which == batch)
+            taken = self.batches[batch].take(pa.array(ids[at] - self.starts[batch])).to_pylist()
+            for position, row in zip(at, taken):
+                rows[position] = row
+        return rows
