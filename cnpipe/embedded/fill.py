@@ -6,10 +6,13 @@ blue background"); its control is the circle's outline, which the pipeline's own
 the image reproduces the outline: every colour pair below differs in gray level by at least MIN_GRAY_GAP).
 
 <assets>/fill/seeds/  the hub-load folder: FOLDER_IMAGES PNGs with sidecar .txt prompts
-<assets>/fill/tiny-sd-fill/  a diffusers StableDiffusionPipeline folder (safetensors): tiny_sd's architecture, with the
-      VAE and the UNet trained here on this domain (`pretrain`), the CLIP text encoder left at its seeded random
-      weights and frozen (as SD freezes its pretrained CLIP), the VAE's scaling_factor set so latents have unit std.
-      samples.png beside it: prompts sampled with the pipeline itself, one row per prompt (look at it).
+<assets>/fill/tiny-sd-fill/  a diffusers StableDiffusionPipeline folder (safetensors): tiny_sd's text encoder,
+      tokenizer and scheduler, with a VAE and UNet of this module's own sizes (VAE and UNET below: a 4x VAE, i.e.
+      16x16 latents, because an 8x8 latent of a tiny VAE could not hold a circle's edge) trained here on this domain
+      (`pretrain`); the CLIP text encoder left at its seeded random weights and frozen (as SD freezes its pretrained
+      CLIP), the VAE's scaling_factor set so latents have unit std. pretrain.json beside it: the measured
+      reconstruction error, denoising loss and times. samples.png: prompts sampled with the pipeline itself, one row
+      per prompt (look at it).
 
 `python -m cnpipe.embedded.fill <assets>` makes whichever is missing (or made by an older VERSION); a few minutes
 on two cores the first time, nothing after.
@@ -36,8 +39,25 @@ MIN_GRAY_GAP = 30  # pairs closer than this in gray level (ITU-R 601 luma) are l
 MIN_RADIUS, MAX_RADIUS = 7, 20
 FOLDER_IMAGES = 640
 FOLDER_SEED = 1234  # the pipeline's data; pretraining draws from other seeds (the same distribution, other circles)
-VERSION = "1"
+VERSION = "2"
 VERSION_FILE = ".version"
+
+
+# The base's own sizes (tiny_sd's default base stays as the rest of the pipeline uses it). The VAE downsamples 4x
+# (three levels), so the preset's conditioning_embedding_out_channels has three entries; UNet channels are multiples
+# of 32 so the Flax UNet/ControlNet (GroupNorm with 32 groups) reproduce it.
+VAE = dict(
+    sample_size=SIZE, in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 64, 64),
+    down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3, layers_per_block=1,
+    norm_num_groups=16,
+)
+VAE_FACTOR = 2 ** (len(VAE["block_out_channels"]) - 1)
+UNET = dict(
+    sample_size=SIZE // VAE_FACTOR, in_channels=4, out_channels=4, block_out_channels=(32, 64, 64),
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"), layers_per_block=1,
+    attention_head_dim=4, norm_num_groups=32,
+)
 
 
 def _luma(rgb) -> float:
@@ -95,51 +115,71 @@ def _log(message: str) -> None:
     print(f"fill pretrain: {message}", file=sys.stderr, flush=True)
 
 
-def pretrain(folder: pathlib.Path, vae_steps: int = 400, unet_steps: int = 500, batch: int = 16, seed: int = 0,
-             latent_pool: int = 1024) -> None:
-    """tiny_sd's architecture trained on the fill domain: the VAE first (L1 + a small KL, as SD's autoencoder without
-    its GAN term, on 32 px crops, decoding the posterior mean), then the UNet on its latents (epsilon objective, the scheduler's noise schedule, 10 % empty prompts
-    so classifier-free guidance works). Seeded; CPU; writes a diffusers folder and samples.png into `folder`."""
+def _base(folder: pathlib.Path):
+    """tiny_sd's folder (text encoder, tokenizer, scheduler) with this module's VAE and UNet, seeded."""
     import torch
-    import torch.nn.functional as F
-    from diffusers import StableDiffusionPipeline
+    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
 
     from cnpipe.embedded import tiny_sd
+
+    tiny_sd.build(folder)
+    pipe = StableDiffusionPipeline.from_pretrained(folder, use_safetensors=True, safety_checker=None, requires_safety_checker=False)
+    torch.manual_seed(tiny_sd.SEED + 11)
+    unet = UNet2DConditionModel(cross_attention_dim=tiny_sd.TEXT_HIDDEN, **UNET)
+    torch.manual_seed(tiny_sd.SEED + 12)
+    vae = AutoencoderKL(**VAE)
+    return StableDiffusionPipeline(vae=vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer, unet=unet,
+                                   scheduler=pipe.scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+
+
+def pretrain(folder: pathlib.Path, vae_steps: int = 1200, unet_steps: int = 2000, batch: int = 16, seed: int = 0,
+             latent_pool: int = 2048, vae_lr: float = 2e-3, unet_lr: float = 1e-3, kl_weight: float = 1e-6,
+             samples: bool = True) -> dict:
+    """The VAE first (L1 + a small KL, as SD's autoencoder without its GAN term, on 32 px crops, decoding the
+    posterior mean, which is what encode stores), then the UNet on its latents (epsilon objective, the scheduler's
+    noise schedule, 10 % empty prompts so classifier-free guidance works). Seeded; CPU, 2 threads; writes a diffusers
+    folder, pretrain.json (measured numbers) and, with `samples`, samples.png into `folder`; returns the numbers."""
+    import torch
+    import torch.nn.functional as F
 
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed + 100)
-    tiny_sd.build(folder)
-    pipe = StableDiffusionPipeline.from_pretrained(folder, use_safetensors=True, safety_checker=None, requires_safety_checker=False)
+    pipe = _base(folder)
     vae, unet, text_encoder, tokenizer, scheduler = pipe.vae, pipe.unet, pipe.text_encoder, pipe.tokenizer, pipe.scheduler
+    held_x, held_prompts = _batch(np.random.default_rng(seed + 200), 128)  # held-out images, full 64 px
+    numbers: dict = {"vae_factor": VAE_FACTOR, "vae_steps": vae_steps, "unet_steps": unet_steps, "batch": batch,
+                     "threads": torch.get_num_threads()}
 
     start = time.time()
     vae.train()
-    opt = torch.optim.AdamW(vae.parameters(), lr=2e-3, weight_decay=0.0)
+    opt = torch.optim.AdamW(vae.parameters(), lr=vae_lr, weight_decay=0.0)
     for step in range(vae_steps):
-        lr = 2e-3 * min(1.0, (step + 1) / 20) * (0.2 if step > 0.8 * vae_steps else 1.0)
+        lr = vae_lr * min(1.0, (step + 1) / 20) * (0.55 + 0.45 * np.cos(np.pi * step / vae_steps))
         for group in opt.param_groups:
             group["lr"] = lr
         x, _ = _batch(rng, batch)
         top, left = (int(v) for v in rng.integers(0, SIZE // 2 + 1, 2))
         x = x[:, :, top:top + SIZE // 2, left:left + SIZE // 2]  # 32 px crops: the same flat colours and edges, 4x cheaper
         posterior = vae.encode(x).latent_dist
-        # decoded from the posterior mean (what encode stores); the small KL keeps the latents' scale in hand
         recon = vae.decode(posterior.mode()).sample
-        loss = F.l1_loss(recon, x) + 1e-6 * posterior.kl().mean()
+        loss = F.l1_loss(recon, x) + kl_weight * posterior.kl().mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
         opt.step()
-        if step % 25 == 0 or step == vae_steps - 1:
+        if step % 100 == 0 or step == vae_steps - 1:
             _log(f"vae step {step} l1+kl {loss.item():.4f} ({time.time() - start:.0f} s)")
     vae.eval()
+    numbers["vae_seconds"] = round(time.time() - start, 1)
 
     with torch.no_grad():
-        x, _ = _batch(np.random.default_rng(seed + 200), 256)
-        std = float(vae.encode(x).latent_dist.mean.std())
+        mean = vae.encode(held_x).latent_dist.mean
+        numbers["vae_heldout_l1"] = round(float(F.l1_loss(vae.decode(mean).sample, held_x)), 4)  # on the [-1, 1] scale
+        std = float(mean.std())
     vae.register_to_config(scaling_factor=1.0 / std)
-    _log(f"latent std {std:.3f}: scaling_factor {1.0 / std:.4f}")
+    _log(f"vae held-out L1 {numbers['vae_heldout_l1']} (pixels in [-1, 1]); latent std {std:.3f}: scaling_factor {1.0 / std:.4f}")
 
     texts = [prompt(c, b) for c, b in PAIRS] + [""]
     with torch.no_grad():
@@ -154,14 +194,16 @@ def pretrain(folder: pathlib.Path, vae_steps: int = 400, unet_steps: int = 500, 
             x, prompts = _batch(rng, 64)
             pool_latents.append(vae.encode(x).latent_dist.mean * vae.config.scaling_factor)
             pool_prompts += prompts
+        held_latents = vae.encode(held_x).latent_dist.mean * vae.config.scaling_factor
     pool_latents = torch.cat(pool_latents)
 
     start = time.time()
     unet.train()
-    opt = torch.optim.AdamW(unet.parameters(), lr=1e-3, weight_decay=1e-2)
+    opt = torch.optim.AdamW(unet.parameters(), lr=unet_lr, weight_decay=1e-2)
     alphas = scheduler.alphas_cumprod
+    recent = []
     for step in range(unet_steps):
-        lr = 1e-3 * min(1.0, (step + 1) / 50) * 0.5 * (1 + np.cos(np.pi * step / unet_steps))
+        lr = unet_lr * min(1.0, (step + 1) / 50) * 0.5 * (1 + np.cos(np.pi * step / unet_steps))
         for group in opt.param_groups:
             group["lr"] = max(lr, 2e-5)
         pick = rng.integers(len(pool_prompts), size=batch)
@@ -177,11 +219,27 @@ def pretrain(folder: pathlib.Path, vae_steps: int = 400, unet_steps: int = 500, 
         loss.backward()
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
         opt.step()
+        recent = (recent + [loss.item()])[-100:]
         if step % 100 == 0 or step == unet_steps - 1:
-            _log(f"unet step {step} loss {loss.item():.4f} ({time.time() - start:.0f} s)")
+            _log(f"unet step {step} loss {loss.item():.4f} (mean of last 100: {np.mean(recent):.4f}) ({time.time() - start:.0f} s)")
     unet.eval()
+    numbers["unet_seconds"] = round(time.time() - start, 1)
+    numbers["unet_loss_last100"] = round(float(np.mean(recent)), 4)
+    with torch.no_grad():  # held-out denoising loss at fixed noise and timesteps, with and without the prompt
+        g = torch.Generator().manual_seed(seed + 300)
+        noise = torch.randn(held_latents.shape, generator=g)
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (len(held_latents),), generator=g)
+        a = alphas[t].view(-1, 1, 1, 1)
+        noisy = a.sqrt() * held_latents + (1 - a).sqrt() * noise
+        for name, ctx in (("prompted", torch.stack([by_text[p] for p in held_prompts])),
+                          ("empty", by_text[""].expand(len(held_prompts), -1, -1))):
+            numbers[f"unet_heldout_loss_{name}"] = round(float(F.mse_loss(unet(noisy, t, encoder_hidden_states=ctx).sample, noise)), 4)
+    _log(f"numbers {json.dumps(numbers)}")
     pipe.save_pretrained(folder, safe_serialization=True)
-    sample_grid(folder, folder / "samples.png")
+    (folder / "pretrain.json").write_text(json.dumps(numbers, indent=1))
+    if samples:
+        sample_grid(folder, folder / "samples.png")
+    return numbers
 
 
 def sample_grid(folder: pathlib.Path, out: pathlib.Path, per_prompt: int = 6, steps: int = 30, guidance: float = 3.0) -> None:

@@ -76,6 +76,31 @@ def test_preset_wires_the_generated_folder_and_base():
     assert config.encode.conditioning_type == "canny" and config.encode.resolution == fill.SIZE
 
 
+def test_fill_base_sizes_agree_with_the_preset_and_flax():
+    """The fill VAE downsamples 4x (16x16 latents); the preset's ControlNet conditioning embedding must downsample as
+    much (controlnet_train's check), and UNet channels must be multiples of 32 (the Flax GroupNorm)."""
+    import pipeline_configs
+
+    config = pipeline_configs.preset("embedded-fill")
+    assert 2 ** (len(config.train.conditioning_embedding_out_channels) - 1) == fill.VAE_FACTOR == 4
+    assert fill.UNET["sample_size"] * fill.VAE_FACTOR == config.encode.resolution == fill.SIZE
+    assert all(c % 32 == 0 for c in fill.UNET["block_out_channels"])
+
+
+def test_pretrain_writes_a_diffusers_folder_and_its_numbers(tmp_path):
+    """A few steps only (the real pretraining takes minutes): the folder loads as a pipeline with the 4x VAE, and
+    pretrain.json holds the measured reconstruction error and denoising losses."""
+    from diffusers import StableDiffusionPipeline
+
+    numbers = fill.pretrain(tmp_path, vae_steps=2, unet_steps=2, batch=4, latent_pool=64, samples=False)
+    saved = json.loads((tmp_path / "pretrain.json").read_text())
+    assert saved == numbers and saved["vae_factor"] == 4
+    for key in ("vae_heldout_l1", "unet_loss_last100", "unet_heldout_loss_prompted", "unet_heldout_loss_empty"):
+        assert math.isfinite(saved[key]) and saved[key] > 0
+    pipe = StableDiffusionPipeline.from_pretrained(tmp_path, use_safetensors=True, safety_checker=None, requires_safety_checker=False)
+    assert pipe.vae_scale_factor == 4 and pipe.unet.config.sample_size == 16
+
+
 def _png_size(data: bytes) -> tuple[int, int]:
     with Image.open(io.BytesIO(data)) as image:
         return image.size
