@@ -306,7 +306,7 @@ def main() -> None:
             print(f"built {n}: {b['index_key']} ({b['index_param']}), {b['build_seconds']} s ({b['build_cpu_seconds']} s CPU), peak {b['peak_rss_bytes'] / 2**20:.0f} MiB, "
                   f"{b['bytes_per_vector']} bytes/vector", flush=True)
         full = builds[args.count]
-        results["build"] = {n: {k: b.get(k) for k in ("index_key", "index_param", "build_seconds", "build_cpu_seconds", "peak_rss_bytes",
+        results["build"] = {n: {k: b.get(k) for k in ("index_key", "index_param", "build_seconds", "build_cpu_seconds", "peak_rss_bytes", "peak_anon_bytes",
                                                    "index_bytes", "bytes_per_vector", "within_budget", "phases_seconds",
                                                    "retune_seconds")}
                             for n, b in builds.items()}

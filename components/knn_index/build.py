@@ -219,13 +219,13 @@ def build(cfg, source: str, output: str, force: bool = False) -> dict:
         "metadata_files": metadata_files, "sources": sources, "max_index_memory_usage": cfg.max_index_memory_usage,
         "current_memory_available": cfg.current_memory_available, "build_seconds": round(time.time() - started, 1),
         "build_cpu_seconds": round(_cpu_seconds() - cpu_started, 1),
-        "peak_rss_bytes": peak.bytes, "within_budget": peak.bytes <= budget,
+        "peak_rss_bytes": peak.bytes, "peak_anon_bytes": peak.anon_bytes, "within_budget": peak.bytes <= budget,
     }
     storage.write_json_atomic(marker, summary)
     note = "" if summary["within_budget"] else f" (over the budget of {human(budget)}: raise index.current_memory_available)"
     log(f"built {output}: {summary['index_key']} ({summary['index_param'] or 'no search parameters'}), "
         f"{human(index_bytes)} ({summary['bytes_per_vector']} bytes/vector), {summary['build_seconds']} s, "
-        f"peak memory {human(peak.bytes)}{note}")
+        f"peak memory {human(peak.bytes)} ({human(peak.anon_bytes)} anonymous){note}")
     return summary
 
 

@@ -25,26 +25,31 @@ def human(size: float) -> str:
 
 
 class PeakMemory:
-    """`with PeakMemory() as peak: ...; peak.bytes`: the largest RSS (this process plus its children) seen."""
+    """`with PeakMemory() as peak: ...; peak.bytes`: the largest RSS (this process plus its children) seen;
+    peak.anon_bytes: the largest of its anonymous part (RSS less file-backed pages: libraries, memory-mapped inputs),
+    what the build itself allocates."""
 
     def __init__(self, pid: int | None = None, every_s: float = 0.1):
         import psutil
 
         self.process = psutil.Process(pid)
-        self.every_s, self.bytes = every_s, 0
+        self.every_s, self.bytes, self.anon_bytes = every_s, 0, 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._watch, daemon=True)
 
     def sample(self) -> int:
         import psutil
 
-        total = 0
+        total = anon = 0
         for proc in [self.process, *self.process.children(recursive=True)]:
             try:
-                total += proc.memory_info().rss
+                info = proc.memory_info()
             except psutil.Error:  # a child that ended between the listing and the read
-                pass
+                continue
+            total += info.rss
+            anon += info.rss - getattr(info, "shared", 0)  # Linux: shared = file-backed + shared memory pages
         self.bytes = max(self.bytes, total)
+        self.anon_bytes = max(self.anon_bytes, anon)
         return total
 
     def _watch(self) -> None:
