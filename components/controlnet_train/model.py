@@ -154,11 +154,28 @@ def make_controlnet(config: dict, dtype):
     return FlaxControlNetModel(**{k: _tuples(v) for k, v in config.items()}, dtype=dtype)
 
 
+def _init_weights(controlnet, rng) -> dict:
+    """FlaxControlNetModel.init_weights (same rng split, so the same params), but with the control at the latent size
+    times the conditioning embedder's own downsampling: diffusers hard-codes 8, which fails for a base whose VAE
+    downsamples 4x (the fill base's)."""
+    import jax
+    import jax.numpy as jnp
+
+    size = controlnet.sample_size
+    pixels = size * 2 ** (len(controlnet.conditioning_embedding_out_channels) - 1)
+    params_rng, dropout_rng = jax.random.split(rng)
+    return controlnet.init(
+        {"params": params_rng, "dropout": dropout_rng}, jnp.zeros((1, controlnet.in_channels, size, size), jnp.float32),
+        jnp.ones((1,), jnp.int32), jnp.zeros((1, 1, controlnet.cross_attention_dim), jnp.float32),
+        jnp.zeros((1, 3, pixels, pixels), jnp.float32),
+    )["params"]
+
+
 def init_controlnet_from_unet(controlnet, unet_params: dict, seed: int) -> dict:
     """Fresh ControlNet params with the UNet's encoder half copied in (fp32 numpy)."""
     import jax
 
-    params = jax.tree.map(np.asarray, jax.jit(controlnet.init_weights)(jax.random.PRNGKey(seed)))
+    params = jax.tree.map(np.asarray, jax.jit(lambda rng: _init_weights(controlnet, rng))(jax.random.PRNGKey(seed)))
     copied = [*COPIED_FROM_UNET, *sorted(k for k in params if k.startswith("down_blocks_"))]
     for name in copied:
         source = unet_params.get(name)
