@@ -630,8 +630,8 @@ def embedded_fill(assets: str = EMBEDDED_ASSETS) -> PipelineConfig:
     config.encode.holdout_fraction = 0.02
     config.encode.batch_size = 32
     config.train = TrainConfig(
-        max_steps=600, global_batch_size=16, learning_rate=5e-4, warmup_steps=50, lr_schedule="constant",
-        ema_decay=0.0, checkpoint_every=300, log_every=10, conditioning_embedding_out_channels=[16, 32, 32],  # fill.VAE downsamples 4x
+        max_steps=1500, global_batch_size=16, learning_rate=5e-4, warmup_steps=50, lr_schedule="constant",
+        ema_decay=0.0, checkpoint_every=500, log_every=10, conditioning_embedding_out_channels=[16, 32, 32],  # fill.VAE downsamples 4x
         validation_rows=0,
     )
     config.evaluate = EvaluateConfig(
