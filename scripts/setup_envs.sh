@@ -3,7 +3,7 @@
 # families become the Docker images). Idempotent: a family whose lock did not change is skipped.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-# Not by default: index (autofaiss, ~0.5 GB), which only `pipeline.py index`, its tests and bench/knn_index.py use;
+# Not by default: index (autofaiss, ~0.3 GB), which only `pipeline.py index`, its tests and bench/knn_index.py use;
 # they make it on first use (components/knn_index/driver.py: FAMILIES=index), so a set-up for running the pipeline
 # does not wait for it.
 FAMILIES=${FAMILIES:-"core vision download conditioning train"}
