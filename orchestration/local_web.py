@@ -14,7 +14,6 @@ import mimetypes
 import pathlib
 import signal
 import sys
-import threading
 import urllib.parse
 
 import numpy as np
@@ -110,11 +109,7 @@ def main() -> None:
     pathlib.Path(args.ready_file).write_text(json.dumps({"port": port, "knn_url": f"{base_url[0]}/knn-service"}))
     # Ctrl-C reaches this process with the rest of the run, and the driver then terminates it: either way it stops
     # serving and exits quietly (the driver says, once, what was interrupted)
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
-    stop.wait()
-    server.shutdown()
+    knn_service.serve_until_stopped(server)
 
 
 if __name__ == "__main__":

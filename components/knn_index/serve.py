@@ -17,7 +17,6 @@ import json
 import pathlib
 import signal
 import sys
-import threading
 import time
 
 from cnpipe import storage
@@ -113,11 +112,7 @@ def main(argv: list[str] | None = None) -> None:
         f"(POST /knn-service, GET /indices-list){'' if args.clip_model else '; embedding queries only'}")
     if args.ready_file:
         pathlib.Path(args.ready_file).write_text(json.dumps({"port": port, "knn_url": f"http://{args.host}:{port}/knn-service"}))
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
-    stop.wait()
-    server.shutdown()
+    knn_service.serve_until_stopped(server)
 
 
 if __name__ == "__main__":

@@ -168,6 +168,18 @@ class _Server(ThreadingHTTPServer):
     request_queue_size = 128  # the default backlog of 5 resets the connections of a burst of clients
 
 
+def serve_until_stopped(server) -> None:
+    """Serve until SIGINT or SIGTERM (Ctrl-C with the rest of a run, the driver's or Kubernetes' terminate), then
+    shut the server down and return: a quiet exit, since whoever stopped it says why."""
+    import signal
+
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+    server.shutdown()
+
+
 def serve(handler_cls, host: str = "127.0.0.1", port: int = 0, allow_public_bind: bool = False) -> ThreadingHTTPServer:
     """Start serving in a daemon thread and return the server (its port is server.server_address[1])."""
     if not allow_public_bind and not ipaddress.ip_address(host).is_loopback:
