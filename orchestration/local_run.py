@@ -192,6 +192,21 @@ def running_stages(processes) -> list[str]:
     return sorted(names)
 
 
+def resume_command(run_id: str, argv: list[str] | None = None) -> str:
+    """The command that resumes this run: the one that started it (its preset, --set overrides such as the storage
+    root) with the run id pinned, since a resume under other settings or another root would start afresh."""
+    import shlex
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0].startswith("-"):  # `python pipeline.py` alone runs `run`
+        argv = ["run", *argv]
+    if "--run-id" in argv[:-1]:
+        argv[argv.index("--run-id") + 1] = run_id
+    else:
+        argv = [a for a in argv if not a.startswith("--run-id=")] + ["--run-id", run_id]
+    return shlex.join(["python", "pipeline.py", *argv])
+
+
 @contextlib.contextmanager
 def stop_everything_on_signal(run_id: str):
     """Ctrl-C (or SIGTERM) stops the run within seconds: every process it started (kfp's tasks, the stages and their
@@ -214,7 +229,7 @@ def stop_everything_on_signal(run_id: str):
                 process.kill()
         print(f"\nrun {run_id} interrupted ({signal.Signals(signum).name}) while running {', '.join(stages) or 'no stage'}; "
               f"every process it started is stopped and committed work is kept. Resume with: "
-              f"python pipeline.py run --run-id {run_id}", file=sys.stderr)
+              f"{resume_command(run_id)}", file=sys.stderr)
         sys.stderr.flush()
         os._exit(128 + signum)
 
@@ -259,7 +274,7 @@ def run(config, build_pipeline, run_id: str | None = None) -> int:
                 build_pipeline(config)(config_json=config.to_json(), run_id=run_id)
             status = 0
         except Exception as err:  # kfp.local raises after printing the failing task's log
-            print(f"\nrun {run_id} failed: {err}\nrerun with --run-id {run_id} to resume", file=sys.stderr)
+            print(f"\nrun {run_id} failed: {err}\nresume (after the fix) with: {resume_command(run_id)}", file=sys.stderr)
             status = 1
         finally:
             if web is not None:

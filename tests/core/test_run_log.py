@@ -21,3 +21,12 @@ def test_task_lines_lose_their_colour_codes_in_a_log_and_keep_them_on_a_terminal
 
 def test_the_executor_dump_is_still_dropped():
     assert not local_run._KeepStageLines(colour=False).filter(record("Got executor_input: {...}"))
+
+
+def test_the_resume_command_keeps_the_settings_that_started_the_run():
+    """A run started with a preset and another storage root resumes only under both: the message says so."""
+    assert local_run.resume_command("r1", []) == "python pipeline.py run --run-id r1"
+    assert local_run.resume_command("r1", ["run", "--preset", "embedded-fill", "--set", "storage.root=/tmp/x y"]) == \
+        "python pipeline.py run --preset embedded-fill --set 'storage.root=/tmp/x y' --run-id r1"
+    assert local_run.resume_command("r1", ["run", "--run-id", "r1", "--set", "a.b=1"]) == \
+        "python pipeline.py run --run-id r1 --set a.b=1"
