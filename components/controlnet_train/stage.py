@@ -46,7 +46,9 @@ class Progress:
     validation: dict = field(default_factory=dict)
 
 
-def run(config, inputs: dict[str, Manifest], output_uri: str) -> dict:
+def run(config, inputs: dict[str, Manifest], output_uri: str, observer=None) -> dict:
+    """`observer`: replaces the sampler validation (called with (state, unet_params, step, progress) every
+    train.validation_every steps and at the end); bench/convergence.py scores held-out fidelity there."""
     import jax
 
     t = config.train
@@ -65,7 +67,7 @@ def run(config, inputs: dict[str, Manifest], output_uri: str) -> dict:
     meta = checkpoints.check_compatible(latest, fingerprint) if latest is not None else None
     try:
         return _train(config, data, folder, unet_config, scheduler_config, vae_config, controlnet_config,
-                      fingerprint, checkpoints, latest, meta, output_uri)
+                      fingerprint, checkpoints, latest, meta, output_uri, observer)
     finally:
         checkpoints.close()
 
@@ -89,7 +91,7 @@ def build_training(t, base, controlnet, scheduler_config: dict, uncond, mesh, dt
 
 
 def _train(config, data, folder, unet_config, scheduler_config, vae_config, controlnet_config, fingerprint,
-           checkpoints, latest, meta, output_uri) -> dict:
+           checkpoints, latest, meta, output_uri, observer=None) -> dict:
     import jax
     import jax.numpy as jnp
 
@@ -110,7 +112,7 @@ def _train(config, data, folder, unet_config, scheduler_config, vae_config, cont
     position = int(meta["data_position"]) if meta else 0
     log = MetricsLog(output_uri, primary, start, t.wandb_project, t.tensorboard, config.to_dict())
     progress = Progress(last_good_checkpoint=latest)
-    validator = _Validator(config, data, base, controlnet, uncond, mesh, output_uri, primary)
+    validator = observer or _Validator(config, data, base, controlnet, uncond, mesh, output_uri, primary)
     run_meta = {"fingerprint": fingerprint, "data": data.fingerprint(), "train_config": config.to_dict()["train"]}
     feed = BatchFeed(data, t.global_batch_size, jax.process_index(), jax.process_count(), t.seed,
                      t.shuffle_window_shards, start_batch=position)

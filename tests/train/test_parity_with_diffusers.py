@@ -2,7 +2,7 @@
 
 From the same initial ControlNet, batches, noise, timesteps and dropped captions, our jitted step (built by
 stage.build_training from a TrainConfig, as the stage trains: AdamW, warm-up and decay, clipping, EMA) and
-train_controlnet.py's step (diffusers_reference.py) train STEPS steps in fp32 on CPU. The same PyTorch step in
+train_controlnet.py's step (bench/diffusers_reference.py) train STEPS steps in fp32 on CPU. The same PyTorch step in
 float64 measures what float rounding alone does to the loss curve and to the weights (the "spread": its largest
 value over the run); ours must stay within TOLERANCE_FACTOR x that spread of PyTorch's fp32 run at every step,
 and in the final raw and EMA weights and the EMA after EARLY steps. (A per-step tolerance would be noise-driven:
@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 from base_model import CONDITIONING_CHANNELS, RESOLUTION, TEXT_SHAPE
-from diffusers_reference import SCHEDULER_NAMES, ReferenceTrainer
+from bench.diffusers_reference import SCHEDULER_NAMES, ReferenceTrainer
 from runs import make_config
 
 STEPS = 100

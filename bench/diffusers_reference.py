@@ -1,4 +1,5 @@
-"""The reference of the parity test: the training step of diffusers' examples/controlnet/train_controlnet.py.
+"""diffusers' examples/controlnet/train_controlnet.py's training step: the reference of tests/train's parity test
+and the PyTorch side of bench/convergence.py (one copy, both import it).
 
 Its loss and update, line for line (no accelerate, one process, CPU): add_noise, the ControlNet's residuals into
 the frozen UNet, MSE against epsilon or get_velocity, backward, clip_grad_norm_, torch.optim.AdamW, the
@@ -117,6 +118,15 @@ class ReferenceTrainer:
         if self.ema is not None:
             self.ema.step(self.controlnet.parameters())
         return float(loss.detach())
+
+    def draws(self, rows: int, latent_shape, caption_dropout: float, generator):
+        """(noise, timesteps, dropped rows or None) of one step drawn as train_controlnet.py draws them: randn_like the
+        latents, timesteps uniform in [0, num_train_timesteps), each caption emptied with proportion_empty_prompts."""
+        torch = self.torch
+        noise = torch.randn((rows, *latent_shape), generator=generator, dtype=torch.float32)
+        timesteps = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (rows,), generator=generator)
+        drop = torch.rand(rows, generator=generator) < caption_dropout if caption_dropout > 0 else None
+        return noise, timesteps, drop
 
     def weights(self) -> dict:
         return {k: v.detach().double().numpy().copy() for k, v in self.controlnet.state_dict().items()}
