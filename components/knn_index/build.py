@@ -32,8 +32,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from cnpipe import storage
+from components.knn_index import budget as budget_mod
 from components.knn_index import layout as layout_mod
-from components.knn_index.memory import PeakMemory, human, parse_size
+from components.knn_index.memory import PeakMemory, PhaseLog, human, parse_size
 
 FORMAT = "cnpipe.knn_index/1"
 INDEX_FILE = "image.index"
@@ -137,12 +138,39 @@ def write_metadata(files: list[layout_mod.EmbeddingFile], columns: list[str], ou
     return names
 
 
-def run_autofaiss(cfg, embeddings_folder: str, work: pathlib.Path) -> tuple[dict, int]:
-    """(autofaiss's infos, vectors in the index) for the index it builds at work/image.index."""
+def memory_plan(cfg, found, budget: int) -> budget_mod.Plan:
+    """The index type (cfg.index_key, or the first of autofaiss's candidates that fits), training sample and add
+    batch that keep the build within `budget`, counting this process as it is now; BudgetError if none fits."""
+    import autofaiss  # noqa: F401 - loaded before measuring the process: the build holds it too
+
+    return budget_mod.plan(found.count, found.dim, budget, budget_mod.process_rss(), cfg.max_index_memory_usage,
+                           cfg.index_key)
+
+
+def run_autofaiss(cfg, embeddings_folder: str, work: pathlib.Path, plan: budget_mod.Plan,
+                  peak: PeakMemory) -> tuple[dict, int]:
+    """(autofaiss's infos, vectors in the index) for the index it builds at work/image.index, within the plan's
+    training sample, add batch and read-ahead; `peak` follows its phases."""
     from autofaiss import build_index
 
-    logging.getLogger("autofaiss").setLevel(logging.INFO)
-    index, infos = build_index(
+    logger = logging.getLogger("autofaiss")
+    logger.setLevel(logging.INFO)
+    peak.enter("autofaiss, between its phases")
+    phases = PhaseLog(peak)
+    logger.addHandler(phases.handler)
+    try:
+        with budget_mod.autofaiss_within(plan):
+            index, infos = _build_index(build_index, cfg, embeddings_folder, work, plan.index_key)
+    finally:
+        logger.removeHandler(phases.handler)
+        peak.enter("after autofaiss")
+    if index is None:
+        raise RuntimeError("autofaiss built no index (see its log above)")
+    return infos or {}, int(index.ntotal)
+
+
+def _build_index(build_index, cfg, embeddings_folder: str, work: pathlib.Path, index_key: str):
+    return build_index(
         embeddings=embeddings_folder,
         index_path=str(work / INDEX_FILE),
         index_infos_path=str(work / "infos.json"),
@@ -151,16 +179,13 @@ def run_autofaiss(cfg, embeddings_folder: str, work: pathlib.Path) -> tuple[dict
         current_memory_available=cfg.current_memory_available,
         max_index_query_time_ms=cfg.max_index_query_time_ms,
         min_nearest_neighbors_to_retrieve=cfg.min_nearest_neighbors_to_retrieve,
-        index_key=cfg.index_key or None,
+        index_key=index_key,
         metric_type="ip",
         should_be_memory_mappable=True,  # IVF (inverted lists read from the mapped file), never HNSW
         nb_cores=cfg.nb_cores or None,
         save_on_disk=True,
         verbose=logging.INFO,
     )
-    if index is None:
-        raise RuntimeError("autofaiss built no index (see its log above)")
-    return infos or {}, int(index.ntotal)
 
 
 def build(cfg, source: str, output: str, force: bool = False) -> dict:
@@ -195,12 +220,18 @@ def build(cfg, source: str, output: str, force: bool = False) -> dict:
                                  norm_tolerance=cfg.norm_tolerance)
         log(f"{found.count} vectors of dimension {found.dim} ({found.files[0].dtype}) in {len(found.files)} files; "
             f"index of at most {human(max_index)}, built within {human(budget)}")
+        plan = memory_plan(cfg, found, budget)  # refused here, before any index work, if it cannot fit
         if storage.exists(marker):  # a rebuild: the old index stops being one before its files change
             storage.filesystem(marker)[0].rm(storage.filesystem(marker)[1])
+        peak.enter("writing metadata")
         metadata_files = write_metadata(found.files, columns, output)
+        plan = memory_plan(cfg, found, budget)  # again, with what writing the metadata left in this process
+        log(f"memory plan: {plan.index_key}, training on {plan.train_size} vectors (planned peak "
+            f"{human(plan.training_peak)}), adding {plan.batch_size} at a time ({human(plan.adding_peak)}), this "
+            f"process {human(plan.baseline)}" + "".join(f"; not {s}" for s in plan.skipped))
         with tempfile.TemporaryDirectory(prefix="knn-index-") as tmp:
             work = pathlib.Path(tmp)
-            infos, total = run_autofaiss(cfg, found.embeddings_folder, work)
+            infos, total = run_autofaiss(cfg, found.embeddings_folder, work, plan, peak)
             if total != found.count:
                 raise RuntimeError(f"autofaiss indexed {total} vectors of {found.count}: the metadata would not align")
             index_bytes = (work / INDEX_FILE).stat().st_size
@@ -219,10 +250,23 @@ def build(cfg, source: str, output: str, force: bool = False) -> dict:
         "metadata_files": metadata_files, "sources": sources, "max_index_memory_usage": cfg.max_index_memory_usage,
         "current_memory_available": cfg.current_memory_available, "build_seconds": round(time.time() - started, 1),
         "build_cpu_seconds": round(_cpu_seconds() - cpu_started, 1),
-        "peak_rss_bytes": peak.bytes, "peak_anon_bytes": peak.anon_bytes, "within_budget": peak.bytes <= budget,
+        "peak_rss_bytes": peak.bytes, "peak_anon_bytes": peak.anon_bytes, "budget_bytes": budget,
+        "within_budget": peak.bytes <= budget, "over_budget_bytes": max(0, peak.bytes - budget),
+        "memory_plan": plan.as_dict(), "phases_memory": peak.phases,
     }
     storage.write_json_atomic(marker, summary)
-    note = "" if summary["within_budget"] else f" (over the budget of {human(budget)}: raise index.current_memory_available)"
+    note = ""
+    if not summary["within_budget"]:
+        # warned, not failed: the index is whole and usable (a process over its pod's limit is killed before this);
+        # autofaiss itself treats current_memory_available as a planning figure ("more might be used")
+        note = f" (over the budget of {human(budget)})"
+        phase = max(peak.phases, key=lambda p: peak.phases[p]["peak_rss_bytes"])
+        warning = (f"WARNING: the build's peak memory {human(peak.bytes)} went over index.current_memory_available "
+                   f"{human(budget)} by {human(peak.bytes - budget)}, in {phase!r}; the plan expected "
+                   f"{human(plan.peak)}. A pod with a limit of {human(budget)} would have been killed: raise the "
+                   f"budget, and report the phase (components/knn_index/budget.py plans it)")
+        log("!" * 20 + " " + warning)
+        logging.getLogger("knn_index").warning(warning)
     log(f"built {output}: {summary['index_key']} ({summary['index_param'] or 'no search parameters'}), "
         f"{human(index_bytes)} ({summary['bytes_per_vector']} bytes/vector), {summary['build_seconds']} s, "
         f"peak memory {human(peak.bytes)} ({human(peak.anon_bytes)} anonymous){note}")
@@ -261,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = config.index
     try:
         build(cfg, cfg.source, cfg.output, force=args.force)
-    except layout_mod.LayoutError as err:
+    except (layout_mod.LayoutError, budget_mod.BudgetError) as err:
         print(f"index: {err}", file=sys.stderr)
         return 2
     return 0

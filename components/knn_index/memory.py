@@ -34,6 +34,8 @@ class PeakMemory:
 
         self.process = psutil.Process(pid)
         self.every_s, self.bytes, self.anon_bytes = every_s, 0, 0
+        self.phase = "before"  # what the build is doing now (PhaseLog sets it from autofaiss's log)
+        self.phases: dict[str, dict] = {}  # phase -> its peak RSS and anonymous bytes, in the order first seen
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._watch, daemon=True)
 
@@ -50,7 +52,15 @@ class PeakMemory:
             anon += info.rss - getattr(info, "shared", 0)  # Linux: shared = file-backed + shared memory pages
         self.bytes = max(self.bytes, total)
         self.anon_bytes = max(self.anon_bytes, anon)
+        seen = self.phases.setdefault(self.phase, {"peak_rss_bytes": 0, "peak_anon_bytes": 0})
+        seen["peak_rss_bytes"] = max(seen["peak_rss_bytes"], total)
+        seen["peak_anon_bytes"] = max(seen["peak_anon_bytes"], anon)
         return total
+
+    def enter(self, phase: str) -> None:
+        """From now on samples count for `phase` (the one before sampled at the switch: a short phase is seen)."""
+        self.sample()
+        self.phase = phase
 
     def _watch(self) -> None:
         while not self._stop.wait(self.every_s):
@@ -65,3 +75,34 @@ class PeakMemory:
         self._stop.set()
         self._thread.join()
         self.sample()
+
+
+class PhaseLog:
+    """A logging handler that tells a PeakMemory which of autofaiss's phases runs: autofaiss's Timeit logs each
+    phase's comment and start date when it starts and '>>> Finished "<comment>"' when it ends (phases nest)."""
+
+    _started = re.compile(r"^\t*(?:-> )?(.+?) \d\d/\d\d/\d{4}, \d\d:\d\d:\d\d$")
+    _finished = re.compile(r'^\t*>>> Finished "(?:-> )?(.+?)" in ')
+
+    def __init__(self, peak: PeakMemory):
+        import logging
+
+        self.handler = logging.Handler()
+        self.handler.emit = self.emit
+        self.peak, self.stack = peak, [peak.phase]
+
+    def emit(self, record) -> None:
+        message = record.getMessage()
+        if match := self._started.match(message):
+            self.stack.append(_short(match.group(1)))
+        elif (match := self._finished.match(message)) and len(self.stack) > 1:
+            self.stack.pop()
+        else:
+            return
+        self.peak.enter(self.stack[-1])
+
+
+def _short(phase: str) -> str:
+    """autofaiss's phase comment without the index path and the vector counts that differ between builds."""
+    phase = re.sub(r" \S*image\.index$", "", phase)
+    return re.sub(r"^Training the index with \d+ vectors.*", "Training the index", phase)
