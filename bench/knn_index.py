@@ -5,6 +5,8 @@ service's memory against the index's size on disk.
     .venvs/vision/bin/python bench/knn_index.py [--count 200000] [--dim 768] [--budget-bytes-per-vector 136]
                                                [--build-memory 2G] [--clients 16] [--seconds 30]
                                                [--query-time-ms 10] [--serve-nprobe 16 ...] [--work DIR]
+                                               [--index-key KEY] [--no-half] [--serve-only]
+    --serve-only --work DIR: the index already in DIR/index-<count> measured as served (no build, no re-tune)
 
 What it does:
   1. components.knn_index.synthetic: --count unit vectors in clip-retrieval's layout (float16), from a mixture of
@@ -285,7 +287,11 @@ def main() -> None:
     parser.add_argument("--out", default="knn_index.json", help="results file under bench/results/")
     parser.add_argument("--no-half", action="store_true", help="skip the build at count/2 (no per-million fit)")
     parser.add_argument("--work", default="", help="folder for the generated set and the index (default: a temporary one)")
+    parser.add_argument("--serve-only", action="store_true", help="measure the index already built in --work "
+                        "(index-<count>/index.json) without building: recall, latency, service memory")
     args = parser.parse_args()
+    if args.serve_only and not (args.work and (pathlib.Path(args.work) / f"index-{args.count}" / "index.json").exists()):
+        sys.exit(f"--serve-only measures a built index: {args.work or '--work'}/index-{args.count}/index.json is missing")
     work = pathlib.Path(args.work or tempfile.mkdtemp(prefix="knn-bench-"))
     work.mkdir(parents=True, exist_ok=True)
     results: dict = {"count": args.count, "dim": args.dim, "clients": args.clients, "cpus": os.cpu_count(),
@@ -294,7 +300,10 @@ def main() -> None:
                      "load_average_at_start": os.getloadavg()[0]}
     try:
         builds = {}
-        for n in ([args.count] if args.no_half else [args.count // 2, args.count]):
+        for n in ([args.count] if args.no_half or args.serve_only else [args.count // 2, args.count]):
+            if args.serve_only:
+                builds[n] = json.loads((work / f"index-{n}" / "index.json").read_text())
+                continue
             source = work / f"set-{n}"
             if not (source / "queries.npy").exists():
                 started = time.time()
@@ -308,7 +317,8 @@ def main() -> None:
         full = builds[args.count]
         results["build"] = {n: {k: b.get(k) for k in ("index_key", "index_param", "build_seconds", "build_cpu_seconds", "peak_rss_bytes", "peak_anon_bytes",
                                                    "index_bytes", "bytes_per_vector", "within_budget", "phases_seconds",
-                                                   "retune_seconds")}
+                                                   "retune_seconds", "budget_bytes", "over_budget_bytes",
+                                                   "memory_plan", "phases_memory")}
                             for n, b in builds.items()}
         results["build_memory_budget"] = args.build_memory
         if len(builds) == 2:
