@@ -35,8 +35,8 @@ def index_python() -> str:
 def build(source: str, output: str, **index) -> subprocess.CompletedProcess:
     """`python -m components.knn_index.build` in the index family's interpreter, as `pipeline.py index` runs it."""
     config = pipeline_configs.embedded("/unused")
-    config.index = pipeline_configs.IndexConfig(source=source, output=output, max_index_memory_usage="64MB",
-                                                current_memory_available="1G", **index)
+    config.index = pipeline_configs.IndexConfig(source=source, output=output,
+                                                **{"max_index_memory_usage": "64MB", "current_memory_available": "1G", **index})
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
     return subprocess.run([index_python(), "-m", "components.knn_index.build", "--config-json", config.to_json()],
                           capture_output=True, text=True, env=env, cwd=REPO_ROOT, timeout=600)
