@@ -3,16 +3,17 @@
 # also written to bench/results/report.md.
 # Usage: bash bench/run_all.sh [name ...]   names: conditioning download clip_blip curate memory end_to_end train_step
 #        (default: all of these), and, only when named (long on a small CPU machine): train_memory (compile-only
-#        real-size training memory), real_sizes (the production models through the real stages on CPU, ~40 min) and
+#        real-size training memory), real_sizes (the production models through the real stages on CPU, ~40 min),
 #        knn_index (an autofaiss index built and served, recall and latency; BENCH_ARGS_knn_index="--count 1000000"
-#        for the README's size, ~15 min to build on 2 cores)
+#        for the README's size, ~15 min to build on 2 cores) and convergence (our trainer vs diffusers' PyTorch step
+#        to a held-out edge-F1 target on the fill domain, ~20 min on 2 cores; its scorer runs in the vision env)
 # Options for one script: BENCH_ARGS_<name>, e.g. BENCH_ARGS_conditioning="--images 400" bash bench/run_all.sh conditioning
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 declare -A FAMILY=([conditioning]=conditioning [download]=download [clip_blip]=vision [curate]=vision [memory]=core
                    [end_to_end]=core [train_step]=train [train_memory]=train [real_sizes]=vision
-                   [knn_index]=vision)
+                   [knn_index]=vision [convergence]=train)
 names=${*:-"conditioning download clip_blip curate memory end_to_end train_step"}
 failed=()
 for name in $names; do
