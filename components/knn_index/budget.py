@@ -8,11 +8,14 @@ What autofaiss budgets and what it misses (current_memory_available, autofaiss 2
     while estimate_memory_required_for_index_creation checks the budget for 31 per list: its check is 3x short
     for training. The plan takes the most per list (100 down to 31) whose training memory fits.
   * adding: get_optimal_batch_size makes a batch of (budget - index)/(4·dim) float32 vectors, at most 1 GB; but
-    autofaiss's loop keeps the previous batch while the reader fills the next (two batches), and faiss's OPQ
+    autofaiss's loop (`for ..., (vec_batch, ...) in enumerate(reader)`) still holds the previous batch while the
+    reader fills the next (two batches), and faiss's OPQ
     pre-transform holds a batch × out_dim float32 copy. The plan sizes the batch for 8·dim + 4·out_dim bytes a vector.
   * reading: embedding_reader reads up to 50 pieces of 50 MB ahead of the consumer (max_ram_usage_in_bytes 4 GB
     by default): while faiss adds a batch it reads most of a 10^6 float16 set (1.5 GB). The plan bounds it to
     READ_AHEAD_PIECES pieces.
+  * OPQ training: autofaiss counts 4·(dim + 2·out_dim) bytes per point OPQ trains on; faiss's OPQMatrix.train
+    takes 4·(3·dim + out_dim) and a copy of its 65 536-point subsample (measured: opq_training_bytes).
   * none of it counts the process itself (Python, faiss, autofaiss: ~150 MB), which the plan measures.
 
     python -m components.knn_index.budget --count 1000000 --dim 768 --budget 2G --max-index 130MB [--index-key K]
@@ -31,6 +34,7 @@ from components.knn_index.memory import human, parse_size
 
 PIECE_BYTES = 50 * 10**6  # embedding_reader's largest piece
 READ_AHEAD_PIECES = 2  # pieces read ahead of the consumer (embedding_reader's default: up to 50)
+OPQ_MAX_TRAIN_POINTS = 256 * 256  # faiss OPQMatrix.max_train_points: it trains on a subsample of this many
 FAISS_ADD_BLOCK = 65536  # faiss IndexIVF adds in blocks of this many vectors (residuals, list numbers, codes)
 MOST_POINTS_PER_LIST, FEWEST_POINTS_PER_LIST = 100, 31  # autofaiss's (and faiss's k-means) range
 FEWEST_IN_A_BATCH = 1000
@@ -73,6 +77,20 @@ def transformed_dim(index_key: str, dim: int) -> int:
     return int(next(g for g in match.groups() if g)) if match else dim
 
 
+def opq_training_bytes(index_key: str, train_size: int, dim: int) -> int:
+    """The training sample and what faiss 1.13's OPQMatrix.train holds beside it: a subsample copy of
+    OPQ_MAX_TRAIN_POINTS vectors when the sample is larger, and 4·(3·dim + out_dim) bytes per point it trains on
+    (its projections, reconstructions and rotation products). Measured (`bench/knn_build_memory.py`): 708 MiB for
+    65 536 points of 768 -> 448, where autofaiss's formula counts 4·(dim + 2·out_dim) per point (436 MiB).
+    0 for an index without OPQ."""
+    if not index_key.startswith("OPQ"):
+        return 0
+    out_dim = transformed_dim(index_key, dim)
+    points = min(train_size, OPQ_MAX_TRAIN_POINTS)
+    subsample = 4 * dim * points if train_size > OPQ_MAX_TRAIN_POINTS else 0
+    return 4 * dim * train_size + subsample + 4 * points * (3 * dim + out_dim)
+
+
 def plan_key(index_key: str, count: int, dim: int, budget: int, baseline: int) -> Plan:
     """The plan for one index type, or BudgetError saying which phase does not fit and by how much."""
     from autofaiss.external.metadata import IndexMetadata
@@ -86,10 +104,13 @@ def plan_key(index_key: str, count: int, dim: int, budget: int, baseline: int) -
     train_size, training_peak = 0, baseline
     if check_if_index_needs_training(index_key):
         lists = index_key_to_nb_cluster(index_key)
-        for per_list in range(MOST_POINTS_PER_LIST, FEWEST_POINTS_PER_LIST - 1, -1):
+        for per_list in range(MOST_POINTS_PER_LIST, FEWEST_POINTS_PER_LIST - 1, -1):  # the most that fits
             train_size = min(per_list * lists, count)
-            # autofaiss's own training formula, at the sample it really trains on, and the reader's pieces
-            training_peak = baseline + int(metadata.compute_memory_necessary_for_training(train_size)) + read_ahead
+            # autofaiss's own training formula at the sample it really trains on, or where OPQ is trained what
+            # faiss's OPQMatrix.train measurably takes (larger), and the reader's pieces
+            training = max(metadata.compute_memory_necessary_for_training(train_size),
+                           opq_training_bytes(index_key, train_size, dim))
+            training_peak = baseline + int(training) + read_ahead
             if training_peak <= planned:
                 break
         else:

@@ -42,6 +42,12 @@ def test_a_tighter_budget_trains_on_fewer_vectors_per_list():
     assert roomy["train_size"] == 102400
     assert 31 * 1024 <= tight["train_size"] < 102400 and tight["training_peak"] <= 0.9 * 2**30
 
+    def training(n: int) -> int:  # the process, the reader's pieces, the sample, OPQ's products (n < 65536)
+        return 150 * MB + tight["read_ahead_bytes"] + 4 * 768 * n + 4 * n * (3 * 768 + 448)
+
+    most = next(per_list * 1024 for per_list in range(100, 30, -1) if training(per_list * 1024) <= 0.9 * 2**30)
+    assert tight["train_size"] == most and tight["training_peak"] == training(most)
+
 
 def test_autofaiss_choice_that_cannot_train_within_the_budget_is_refused_with_each_reason():
     # at 10^6 autofaiss prefers 16384 lists and more: even 31 vectors per list (507 904) do not train in 2 GB
