@@ -10,7 +10,12 @@ environment (autofaiss pins numpy<2: envs/index.in).
                                       concatenation describes vector i. Read memory-mapped by row id
     <output>/infos.json               autofaiss's report: index key, search parameters, size, speed
     <output>/index.json               written last (the index exists once it does): count, dim, sources and their
-                                      row ranges, the budget and what the build measured (time, peak memory)
+                                      row ranges, the budget, the memory plan (budget.py) and what the build
+                                      measured (time, peak memory, and per autofaiss phase)
+
+The budget (index.current_memory_available) is planned before any work (budget.py: the index type, training sample
+and add batch that fit, or a refusal naming each phase that does not) and checked after: a measured peak over it
+is a loud warning in the log and index.json (within_budget false), not a failure.
 
     python -m components.knn_index.build --config-json "$(cat config.json)"     # index.source -> index.output
 """
