@@ -87,11 +87,12 @@ def _tree_pss_kib(root_pid: int) -> int:
 
 
 def run_measured(argv: list[str], env: dict, log: pathlib.Path) -> dict:
-    """Run a command under /usr/bin/time; return its wall time, max single-process RSS and peak tree PSS."""
+    """Run a command under /usr/bin/time; return its wall time, max single-process RSS, peak tree PSS and the CPU time
+    (user + system) of it and its children: on a shared machine the load-robust measure of the work."""
     report = log.with_suffix(".time")
     peak = [0]
     with open(log, "wb") as out:
-        process = subprocess.Popen(["/usr/bin/time", "-f", "%M", "-o", str(report), *argv], env=env, stdout=out,
+        process = subprocess.Popen(["/usr/bin/time", "-f", "%M %U %S", "-o", str(report), *argv], env=env, stdout=out,
                                    stderr=subprocess.STDOUT, cwd=benchlib.REPO)
         started = time.perf_counter()
 
@@ -108,8 +109,9 @@ def run_measured(argv: list[str], env: dict, log: pathlib.Path) -> dict:
     if code != 0:
         sys.stderr.write(log.read_bytes()[-3000:].decode(errors="replace"))
         raise RuntimeError(f"{argv[2:4]} exited with {code}")
-    max_process = int(report.read_text().strip().splitlines()[-1])
-    return {"seconds": round(seconds, 2), "max_process_mib": round(max_process / 1024, 1), "tree_mib": round(peak[0] / 1024, 1)}
+    max_kib, user, system = report.read_text().strip().splitlines()[-1].split()
+    return {"seconds": round(seconds, 2), "cpu_s": round(float(user) + float(system), 2),
+            "max_process_mib": round(int(max_kib) / 1024, 1), "tree_mib": round(peak[0] / 1024, 1)}
 
 
 def scaled_seeds(seeds: pathlib.Path, target: pathlib.Path, scale: int) -> pathlib.Path:

@@ -28,7 +28,7 @@ import sys
 import time
 
 import benchlib  # noqa: E402  (puts the repo on sys.path)
-import memory  # noqa: E402  (_tree_pss_kib: a process tree's memory from /proc)
+from memory import run_measured  # noqa: E402  (wall time, CPU time, largest process RSS, peak tree PSS)
 
 # Parameter counts of the checkpoints the production preset names, to check that the configs below build the right
 # sizes (counted here as unique parameters: a weight tied to another counts once). Exact for CLIP ViT-L/14, SD 1.5's
@@ -176,37 +176,6 @@ STAGES = [  # (stage, {input: producer}) as pipeline.py wires them; blip reads c
     ("encode", {"conditioning": "conditioning"}),
     ("evaluate", {"trained": "<train>", "conditioning": "conditioning"}),
 ]
-
-
-def run_measured(argv: list[str], env: dict, log: pathlib.Path) -> dict:
-    """bench/memory.py's measurement (wall time, largest process RSS, peak PSS of the whole tree) plus the CPU time
-    (user + system) of the stage and its children: on a shared machine the load-robust measure of the work."""
-    import subprocess
-    import threading
-
-    report = log.with_suffix(".time")
-    peak = [0]
-    with open(log, "wb") as out:
-        process = subprocess.Popen(["/usr/bin/time", "-f", "%M %U %S", "-o", str(report), *argv], env=env, stdout=out,
-                                   stderr=subprocess.STDOUT, cwd=benchlib.REPO)
-        started = time.perf_counter()
-
-        def sample() -> None:
-            while process.poll() is None:
-                peak[0] = max(peak[0], memory._tree_pss_kib(process.pid))
-                time.sleep(0.05)
-
-        sampler = threading.Thread(target=sample, daemon=True)
-        sampler.start()
-        code = process.wait()
-        seconds = time.perf_counter() - started
-        sampler.join()
-    if code != 0:
-        sys.stderr.write(log.read_bytes()[-3000:].decode(errors="replace"))
-        raise RuntimeError(f"{argv[2:4]} exited with {code}")
-    max_kib, user, system = report.read_text().strip().splitlines()[-1].split()
-    return {"seconds": round(seconds, 2), "cpu_s": round(float(user) + float(system), 2),
-            "max_process_mib": round(int(max_kib) / 1024, 1), "tree_mib": round(peak[0] / 1024, 1)}
 
 
 def count_flops(models: pathlib.Path, resolution: int = 512, caption_tokens: int = 30) -> dict:
