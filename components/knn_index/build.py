@@ -271,7 +271,6 @@ def build(cfg, source: str, output: str, force: bool = False) -> dict:
                    f"{human(plan.peak)}. A pod with a limit of {human(budget)} would have been killed: raise the "
                    f"budget, and report the phase (components/knn_index/budget.py plans it)")
         log("!" * 20 + " " + warning)
-        logging.getLogger("knn_index").warning(warning)
     log(f"built {output}: {summary['index_key']} ({summary['index_param'] or 'no search parameters'}), "
         f"{human(index_bytes)} ({summary['bytes_per_vector']} bytes/vector), {summary['build_seconds']} s, "
         f"peak memory {human(peak.bytes)} ({human(peak.anon_bytes)} anonymous){note}")
