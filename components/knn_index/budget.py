@@ -81,7 +81,7 @@ def opq_training_bytes(index_key: str, train_size: int, dim: int) -> int:
     """The training sample and what faiss 1.13's OPQMatrix.train holds beside it: a subsample copy of
     OPQ_MAX_TRAIN_POINTS vectors when the sample is larger, and 4·(3·dim + out_dim) bytes per point it trains on
     (its projections, reconstructions and rotation products). Measured (`bench/knn_build_memory.py`): 708 MiB for
-    65 536 points of 768 -> 448, where autofaiss's formula counts 4·(dim + 2·out_dim) per point (436 MiB).
+    65 536 points of 768 -> 448, where autofaiss's formula counts 4·(dim + 2·out_dim) per point (429 MiB).
     0 for an index without OPQ."""
     if not index_key.startswith("OPQ"):
         return 0
@@ -118,10 +118,12 @@ def plan_key(index_key: str, count: int, dim: int, budget: int, baseline: int) -
                               f"fewest k-means takes) needs {human(training_peak)}, over {human(planned)} "
                               f"({PLANNED_SHARE:.0%} of {human(budget)})")
     out_dim = transformed_dim(index_key, dim)
-    code_bytes = int(getattr(metadata, "params", {}).get("pq", 0) * getattr(metadata, "params", {}).get("nbits", 8) / 8)
+    code_bytes = int(metadata.params.get("pq", 0) * metadata.params.get("nbits", 8) / 8)
     block = FAISS_ADD_BLOCK * (4 * out_dim + code_bytes + 16)
     fixed = index_bytes + read_ahead + block
-    two_batches = 2 * 4 * dim + 4 * out_dim  # the batch being added, the one being read, the OPQ/Pad output
+    # the batch being added, the one being read, the OPQ/Pad output: an upper bound (the output is freed before
+    # the next read ends; at 10^6 the adding phase measured 1578 MiB where this plans 1843 MiB)
+    two_batches = 2 * 4 * dim + 4 * out_dim
     batch = min((room - fixed) // two_batches, MOST_BATCH_BYTES // (4 * dim))
     if batch >= count:  # one batch: nothing is read while it is added
         batch = count
