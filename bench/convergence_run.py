@@ -52,7 +52,8 @@ def ensure_data(run: pathlib.Path) -> float:
     if (run / "encode" / "manifest.json").exists() and (run / "conditioning" / "summary.json").exists():
         return 0.0
     started = time.perf_counter()
-    command = [sys.executable, "pipeline.py",  # it re-runs itself in the core environment "run", "--preset", "embedded-fill", "--run-id", run.name,
+    # pipeline.py re-runs itself in the core environment
+    command = [sys.executable, "pipeline.py", "run", "--preset", "embedded-fill", "--run-id", run.name,
                "--set", f"storage.root={run.parent}", "--set", "train.max_steps=2", "--set", "train.checkpoint_every=2",
                "--set", "evaluate.num_samples=1"]
     print(f"making the data: {' '.join(command)}", flush=True)
