@@ -20,7 +20,8 @@ or when --budget-s (the whole bench) would run out; a side that stops short repo
 
     .venvs/train/bin/python bench/convergence.py [RUN]       # RUN: an embedded-fill run folder (default
                                                             # runs/convergence-data, made when absent)
-    .venvs/train/bin/python bench/convergence.py --grid RUN  # only score RUN's evaluate grid (untrained vs trained)
+    .venvs/vision/bin/python bench/convergence.py --grid RUN # only score RUN's evaluate grid (untrained vs trained;
+                                                            # OpenCV, so evaluate's environment)
 
 Writes bench/results/convergence.json and bench/results/convergence.png (held-out edge F1 vs training seconds).
 """
@@ -29,12 +30,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import pathlib
-import subprocess
 import sys
-import tempfile
-import time
 
 import numpy as np
 from PIL import Image

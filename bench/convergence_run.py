@@ -94,7 +94,8 @@ class ScorerProcess:
 
 
 class Side:
-    """One trainer's curve and its stopping rule (target, step cap, deadline)."""
+    """One trainer's curve and its stopping rule (target, step cap, deadline); made right before the side starts,
+    which starts its clock."""
 
     def __init__(self, name: str, scorer, target: float, deadline: float, step0: dict):
         self.name, self.scorer, self.target, self.deadline = name, scorer, target, deadline
@@ -113,10 +114,12 @@ class Side:
         self.clock.resume()
         now = time.perf_counter()
         interval, self.last_mark = now - self.last_mark, now
+        reached = point["edge_f1"] >= self.target
+        if reached:
+            self.stopped = "target reached"
         if final:
             return
-        if point["edge_f1"] >= self.target:
-            self.stopped = "target reached"
+        if reached:
             raise StopSide
         if now + interval > self.deadline:  # the next checkpoint would land past the bench's budget
             self.stopped = "time budget"
@@ -165,8 +168,6 @@ def train_ours(config, run: pathlib.Path, side: Side, shapes: dict) -> dict:
     from components.controlnet_train import stage
 
     observer = OursObserver(side, shapes, config.train.max_steps)
-    side.clock = Clock()
-    side.last_mark = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="convergence-ours-") as out:
         try:
             stage.run(config, {"encoded": Manifest.load(str(run / "encode"))}, out, observer=observer)
@@ -186,8 +187,6 @@ def train_pytorch(config, run: pathlib.Path, side: Side, init: dict) -> dict:
     from components.controlnet_train.data import BatchFeed, open_encoded
 
     t = config.train
-    side.clock = Clock()
-    side.last_mark = time.perf_counter()
     data = open_encoded(Manifest.load(str(run / "encode")))
     trainer = ReferenceTrainer(config.base_model.path, t.conditioning_embedding_out_channels, init, t, torch.float32)
     feed = BatchFeed(data, t.global_batch_size, 0, 1, t.seed, t.shuffle_window_shards)  # our trainer's order
