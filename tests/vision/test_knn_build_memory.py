@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 
 from cnpipe.families import REPO_ROOT
@@ -56,6 +57,11 @@ def test_autofaiss_choice_that_cannot_train_within_the_budget_is_refused_with_ea
     assert code == 2
     assert "OPQ64_448,IVF16384_HNSW32,PQ64x8: training on 507904 vectors" in got["error"]
     assert "Raise index.current_memory_available" in got["error"]
+    # and it names autofaiss's first choice with the most lists that does fit, which then plans within the budget
+    suggested = re.search(r"fewer lists: (\S+) fits", got["error"]).group(1)
+    assert suggested == "OPQ64_448,IVF4096_HNSW32,PQ64x8", got["error"]
+    code, fits = plan("--count", "1000000", "--dim", "768", "--budget", "2G", "--baseline", "150MB", "--index-key", suggested)
+    assert code == 0 and fits["peak"] <= 0.9 * 2 * 2**30
 
 
 def test_an_impossible_budget_is_refused_before_any_work(tmp_path):
