@@ -77,6 +77,11 @@ def speed_ratio(ours: dict, reference: dict) -> dict:
 
 # ---------------------------------------------------------------- where it ran
 
+def cores() -> int:
+    """The cores this process may run on (its affinity), which thread pools should be sized to."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+
 def machine() -> dict:
     cpu = platform.processor() or platform.machine()
     try:
@@ -95,7 +100,7 @@ def machine() -> dict:
         pass
     return {
         "cpu": cpu,
-        "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "cores": cores(),
         "ram_gib": ram_gib,
         "os": platform.platform(),
         "python": platform.python_version(),

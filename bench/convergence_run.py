@@ -16,6 +16,7 @@ import time
 
 import numpy as np
 
+from benchlib import cores
 from convergence import REPO, fill_config, target_f1, time_to_target
 
 
@@ -39,10 +40,6 @@ class Clock:
     def resume(self) -> None:
         self.scoring_s += time.perf_counter() - self.paused
         self.paused = None
-
-
-def cores() -> int:
-    return len(os.sched_getaffinity(0))
 
 
 def ensure_data(run: pathlib.Path) -> float:

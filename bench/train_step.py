@@ -47,10 +47,6 @@ EMA_DECAY = 0.9999
 CACHE = os.path.join(tempfile.gettempdir(), "cnpipe-bench-train-jax-cache")  # compiled steps, across runs and subprocesses
 
 
-def cores() -> int:
-    return len(os.sched_getaffinity(0))
-
-
 def xla_intra_op_threads() -> int:
     """Threads of XLA:CPU's intra-op (Eigen) pool in this process: it sizes itself to the cores."""
     tasks = pathlib.Path("/proc/self/task")
@@ -183,7 +179,7 @@ class DiffusersStep:
 
 
 def compare_steps(ours: OurStep, base: str, batch: int, steps: int, repeats: int) -> dict:
-    threads = cores()
+    threads = benchlib.cores()
     host = [random_batch(batch, seed) for seed in range(steps)]
     our_batches = [ours.on_device(b) for b in host]
     compile_s = ours.compile(our_batches[0])
